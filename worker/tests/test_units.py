@@ -1,0 +1,131 @@
+"""Pure logic: chunking, the expected sum, partials, tasks and the CLI's input checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ttg.cli import main
+from ttg.errors import ConfigError
+from ttg.partial import Aggregator, Partial, decode_result, encode_result
+from ttg.sweep import JobSpec, reference_expected_sum, reference_value, static_range
+from ttg.tasks import load_task, run_chunk
+
+
+@pytest.mark.parametrize("params,chunk", [(10000, 100), (1000, 10), (1001, 10), (7, 3), (1, 5)])
+def test_chunks_cover_every_parameter_once(params, chunk):
+    spec = JobSpec("r", params, chunk)
+    covered = [p for k in range(spec.chunks_total) for p in range(*spec.bounds(k))]
+    assert covered == list(range(params))
+
+
+def test_bounds_rejects_out_of_range_chunk():
+    spec = JobSpec("r", 100, 10)
+    with pytest.raises(ValueError):
+        spec.bounds(10)
+
+
+@pytest.mark.parametrize("params", [1, 999, 1000, 1001, 2555, 10000])
+def test_expected_sum_matches_brute_force(params):
+    brute = math.fsum(reference_value(p) for p in range(params))
+    assert reference_expected_sum(params) == pytest.approx(brute, abs=1e-6)
+
+
+def test_known_sums_from_design():
+    assert reference_expected_sum(1000) == 500035.5
+    assert reference_expected_sum(10000) == 5000355.0
+
+
+def test_reference_formula_keeps_the_seed_quirk():
+    # f"0.{p % 100}" reads 0.5 for p % 100 == 5 (not 0.05): kept bit for bit
+    assert reference_value(5) == (5 * 7 + 13) % 1000 + 0.5
+    assert reference_value(15) == (15 * 7 + 13) % 1000 + 0.15
+
+
+@pytest.mark.parametrize("workers,chunks", [(3, 100), (4, 3), (1, 7), (5, 5)])
+def test_static_ranges_partition_the_chunks(workers, chunks):
+    seen = [c for i in range(workers) for c in static_range(i, workers, chunks)]
+    assert seen == list(range(chunks))
+
+
+def test_static_range_rejects_bad_index():
+    with pytest.raises(ConfigError):
+        static_range(3, 3, 10)
+
+
+def test_aggregator_first_write_wins_and_sums_exactly():
+    agg = Aggregator()
+    spec = JobSpec("r", 1000, 10)
+    for k in range(spec.chunks_total):
+        part = run_chunk(load_task("reference"), *spec.bounds(k), work_ms=0)
+        assert agg.add(k, part)
+    assert not agg.add(0, Partial(10, 1e9, 0, 1e9))  # a duplicate never counts
+    assert agg.duplicates == 1
+    assert agg.result() == {"count": 1000, "sum": 500035.5, "min": 0.41, "max": 999.98}
+
+
+def test_result_encoding_round_trip():
+    part = Partial.of([1.5, 2.5, -1.0])
+    decoded, meta = decode_result(encode_result(part, worker="w", attempt=2))
+    assert decoded == part
+    assert meta["worker"] == "w" and meta["attempt"] == 2
+
+
+def test_run_chunk_sleeps_work_ms_per_parameter():
+    import time
+
+    t0 = time.monotonic()
+    run_chunk(load_task("noop"), 0, 20, work_ms=5)
+    assert time.monotonic() - t0 >= 0.1
+
+
+@pytest.mark.parametrize("path", ["nope", "os:does_not_exist", "no_such_module_x:f", ":f"])
+def test_unknown_task_is_a_config_error(path):
+    with pytest.raises(ConfigError):
+        load_task(path)
+
+
+def test_task_by_module_path():
+    assert load_task("math:sqrt")(16) == 4.0
+
+
+@pytest.mark.parametrize("field,value", [("params", 0), ("params", -5), ("chunk_size", 0),
+                                          ("workers", 0), ("work_ms", -1)])
+def test_spec_validation(field, value):
+    kw = {"run_id": "r", "params": 10, "chunk_size": 2, field: value}
+    with pytest.raises(ConfigError):
+        JobSpec(**kw).validate()
+
+
+def test_spec_round_trips_through_fields():
+    spec = JobSpec("run-1", 123, 7, "noop", 2.5, 4, 3)
+    assert JobSpec.from_fields(spec.to_fields()) == spec
+    assert spec.same_job(JobSpec("run-1", 123, 7, "noop", 2.5, 9, 3))
+    assert not spec.same_job(JobSpec("run-1", 124, 7, "noop", 2.5, 4, 3))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["validate", "--params", "-5"], "params must be a positive integer"),
+    (["validate", "--task", "kafka:nope"], "cannot import module"),
+    (["validate", "--work-ms", "-1"], "work_ms must be >= 0"),
+    (["check", "--backend", "kafka"], "valid backends are redis, rabbitmq, static"),
+    (["status"], "no run id"),
+])
+def test_cli_bad_input_is_one_clear_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_cli_unreachable_broker_fails_after_bounded_retries(capsys):
+    import time
+
+    from brokers import free_port
+
+    port = free_port()  # nothing listens there
+    t0 = time.monotonic()
+    rc = main(["check", "--broker-url", f"redis://127.0.0.1:{port}/0", "--connect-timeout", "1"])
+    assert rc == 2
+    assert time.monotonic() - t0 < 10
+    assert "unreachable" in capsys.readouterr().err

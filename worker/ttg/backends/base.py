@@ -1,0 +1,166 @@
+"""The contract every backend implements, controller side and worker side.
+
+A backend object is made per process from a `BrokerConfig`. The worker loop (`ttg.worker`)
+and the controller (`ttg.controller`) only talk to this interface, so a new backend gets the
+whole CLI, the summary and the shared test-suite.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ttg.partial import Partial
+from ttg.sweep import JobSpec
+
+
+@dataclass
+class BrokerConfig:
+    url: str
+    password: str | None = None
+    # worker tuning
+    prefetch: int = 1
+    min_idle_ms: int = 3000  # a lease not renewed for this long is reclaimed (Redis)
+    connect_timeout_s: float = 10.0  # bounded retries when the broker is not up
+    retry_budget_s: float = 60.0  # how long a worker keeps reconnecting before exiting
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Delivery:
+    """A chunk in hand. `token` is backend-private (stream entry id, delivery tag...)."""
+
+    run_id: str
+    chunk: int
+    start: int
+    end: int
+    attempt: int  # 1 for the first execution
+    token: Any = None
+    reclaimed: bool = False
+    last_error: str | None = None
+
+
+@dataclass
+class Progress:
+    chunks_total: int
+    done: int
+    dead: int
+    queued: int = 0
+    in_flight: int = 0
+    executions: int = 0
+    duplicates: int = 0
+    reclaimed: int = 0
+    retried: int = 0
+    task_s: float = 0.0
+    workers_alive: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.done + self.dead >= self.chunks_total
+
+    def to_dict(self) -> dict:
+        return {
+            "chunks_total": self.chunks_total,
+            "done": self.done,
+            "dead": self.dead,
+            "queued": self.queued,
+            "in_flight": self.in_flight,
+            "executions": self.executions,
+            "duplicates": self.duplicates,
+            "reclaimed": self.reclaimed,
+            "retried": self.retried,
+            "task_s": round(self.task_s, 3),
+            "workers_alive": self.workers_alive,
+        }
+
+
+@dataclass
+class DeadLetter:
+    chunk: int
+    reason: str
+    attempts: int
+    worker: str | None = None
+    at: float | None = None
+    raw: str | None = None  # the message body, when it could not be parsed
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class Backend(abc.ABC):
+    """One broker connection's worth of operations for one process."""
+
+    name: str = "?"
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+
+    # ---- both sides -------------------------------------------------------------------
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Connect and authenticate (bounded retries); raise BrokerUnavailable/AuthError."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    # ---- controller -------------------------------------------------------------------
+    @abc.abstractmethod
+    def submit(self, spec: JobSpec) -> bool:
+        """Create the job and enqueue every chunk. Idempotent for the same run id and spec
+        (returns False when it was already submitted); JobMismatch if the spec differs."""
+
+    @abc.abstractmethod
+    def load_spec(self, run_id: str) -> JobSpec | None:
+        """The submitted job, or None."""
+
+    @abc.abstractmethod
+    def progress(self, run_id: str) -> Progress:
+        """Counts for display. `done` and `dead` come from results and dead letters."""
+
+    @abc.abstractmethod
+    def results(self, run_id: str) -> Iterator[tuple[int, Partial, dict]]:
+        """Every stored chunk result (chunk, partial, metadata), first write per chunk;
+        streamed, so memory stays bounded."""
+
+    @abc.abstractmethod
+    def dead_letters(self, run_id: str) -> list[DeadLetter]:
+        """The run's dead-lettered chunks with their last error."""
+
+    @abc.abstractmethod
+    def reconcile(self, run_id: str) -> list[int]:
+        """Re-enqueue chunks neither done, queued, in flight nor dead; return them."""
+
+    @abc.abstractmethod
+    def replay_dead(self, run_id: str, chunks: list[int] | None = None) -> list[int]:
+        """Move dead-lettered chunks (all, or the given ones) back to the work queue."""
+
+    # ---- worker -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def start_consuming(self, run_id: str, worker_id: str, worker_index: int | None) -> JobSpec:
+        """Join the run as a worker; block until the job exists; return its spec."""
+
+    @abc.abstractmethod
+    def next_delivery(self, timeout_s: float) -> Delivery | None:
+        """The next chunk to run, or None after `timeout_s` with nothing to do. Malformed
+        messages are dead-lettered here with the reason, never returned."""
+
+    @abc.abstractmethod
+    def complete(self, delivery: Delivery, partial: Partial, meta: dict) -> bool:
+        """Write the result (first write wins) and ack, together. True if this write won."""
+
+    @abc.abstractmethod
+    def fail(self, delivery: Delivery, error: str, task_s: float = 0.0) -> str:
+        """The task raised: retry later or dead-letter. Returns "retried" or "dead"."""
+
+    @abc.abstractmethod
+    def release(self, delivery: Delivery) -> None:
+        """Hand an unstarted chunk back (graceful stop)."""
+
+    def release_prefetched(self) -> None:  # noqa: B027 - optional hook
+        """Hand back every prefetched, unstarted chunk (graceful stop)."""
+
+    @abc.abstractmethod
+    def finished_for_me(self) -> bool:
+        """True when this worker has nothing left to do in the run (exit-when-done)."""

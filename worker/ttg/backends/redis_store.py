@@ -1,0 +1,275 @@
+"""Redis plumbing shared by the `redis` (Streams) and `static` backends.
+
+Key layout for a run (one hash tag per run, so a run lives on one cluster slot):
+
+    ttg:{RUN}:meta      hash    the JobSpec, submitted_at, enqueued
+    ttg:{RUN}:tasks     stream  chunk messages {c, s, e, a[, err]}; group "workers"
+    ttg:{RUN}:results   hash    chunk -> result JSON; HSETNX, so the first write wins
+    ttg:{RUN}:dlq       stream  dead letters {chunk, reason, attempts, worker, at[, raw]}
+    ttg:{RUN}:stats     hash    executions, duplicates, reclaimed, retried, task_s
+    ttg:{RUN}:workers   hash    worker id -> last heartbeat (epoch seconds)
+    ttg:{RUN}:go        list    start tokens for static workers
+    ttg:{RUN}:attempts  hash    chunk -> executions started (static: poison detection)
+
+Results and acks are written by one Lua script, so a chunk is never acked without its result
+nor stored twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import redis
+import redis.exceptions as rex
+
+from ttg.backends.base import Backend, BrokerConfig, DeadLetter, Progress
+from ttg.errors import BrokerAuthError, BrokerUnavailable, JobMismatch
+from ttg.partial import Partial, decode_result
+from ttg.sweep import JobSpec
+
+log = logging.getLogger("ttg.redis")
+T = TypeVar("T")
+GROUP = "workers"
+
+# KEYS: results, stats, tasks   ARGV: chunk, result, task_s, group, entry id ('' = no ack)
+COMPLETE_LUA = """
+local new = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'executions', 1)
+redis.call('HINCRBYFLOAT', KEYS[2], 'task_s', ARGV[3])
+if new == 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', 1) end
+if ARGV[5] ~= '' then
+  redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+  redis.call('XDEL', KEYS[3], ARGV[5])
+end
+return new
+"""
+
+# KEYS: dlq, tasks, stats   ARGV: group, entry id ('' = none), chunk, reason, attempts,
+#                                 worker, at, raw, task_s
+DEAD_LUA = """
+redis.call('XADD', KEYS[1], '*', 'chunk', ARGV[3], 'reason', ARGV[4], 'attempts', ARGV[5],
+           'worker', ARGV[6], 'at', ARGV[7], 'raw', ARGV[8])
+redis.call('HINCRBY', KEYS[3], 'dead_lettered', 1)
+if tonumber(ARGV[9]) > 0 then
+  redis.call('HINCRBY', KEYS[3], 'executions', 1)
+  redis.call('HINCRBYFLOAT', KEYS[3], 'task_s', ARGV[9])
+end
+if ARGV[2] ~= '' then
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+
+# KEYS: meta   ARGV: field, value, field, value...   -> 1 created, 0 existed
+CREATE_META_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
+class Keys:
+    def __init__(self, run_id: str) -> None:
+        prefix = f"ttg:{{{run_id}}}:"
+        self.meta = prefix + "meta"
+        self.tasks = prefix + "tasks"
+        self.results = prefix + "results"
+        self.dlq = prefix + "dlq"
+        self.stats = prefix + "stats"
+        self.workers = prefix + "workers"
+        self.go = prefix + "go"
+        self.attempts = prefix + "attempts"
+
+
+def _is_auth_error(exc: Exception) -> bool:
+    if isinstance(exc, rex.AuthenticationError):
+        return True
+    text = str(exc)
+    return isinstance(exc, rex.ResponseError) and ("NOAUTH" in text or "WRONGPASS" in text)
+
+
+def _redacted(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+class RedisStore(Backend):
+    """Connection handling, job metadata, results, dead letters and stats."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        super().__init__(config)
+        self.r = redis.Redis.from_url(
+            config.url,
+            password=config.password or None,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=30,
+            socket_keepalive=True,
+        )
+        self._complete = self.r.register_script(COMPLETE_LUA)
+        self._dead = self.r.register_script(DEAD_LUA)
+        self._create = self.r.register_script(CREATE_META_LUA)
+        self.worker_id = "controller"
+        self.keys: Keys | None = None
+        self.spec: JobSpec | None = None
+
+    # ---- connection -------------------------------------------------------------------
+    def check(self) -> None:
+        self.retrying(self.r.ping, budget_s=self.config.connect_timeout_s)
+
+    def retrying(self, fn: Callable[[], T], budget_s: float | None = None) -> T:
+        """Run `fn`, retrying connection errors with backoff for at most `budget_s`."""
+        budget = self.config.retry_budget_s if budget_s is None else budget_s
+        deadline = time.monotonic() + budget
+        delay = 0.1
+        while True:
+            try:
+                return fn()
+            except (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError) as exc:
+                if _is_auth_error(exc):
+                    raise BrokerAuthError(
+                        f"redis at {_redacted(self.config.url)} refused the password"
+                    ) from exc
+                if time.monotonic() + delay > deadline:
+                    raise BrokerUnavailable(
+                        f"redis at {_redacted(self.config.url)} unreachable after "
+                        f"{budget:.0f}s: {exc}"
+                    ) from exc
+                log.warning("broker unavailable, retrying in %.1fs: %s", delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except rex.ResponseError as exc:
+                if _is_auth_error(exc):
+                    raise BrokerAuthError(
+                        f"redis at {_redacted(self.config.url)} needs a valid password: {exc}"
+                    ) from exc
+                raise
+
+    def close(self) -> None:
+        if self.keys is not None and self.worker_id != "controller":
+            try:
+                self.r.hdel(self.keys.workers, self.worker_id)
+            except rex.RedisError:
+                pass
+        self.r.close()
+
+    # ---- job metadata -----------------------------------------------------------------
+    def load_spec(self, run_id: str) -> JobSpec | None:
+        meta = self.retrying(lambda: self.r.hgetall(Keys(run_id).meta))
+        return JobSpec.from_fields(meta) if meta else None
+
+    def _create_meta(self, spec: JobSpec) -> bool:
+        """Store the spec; False if the same job exists already. JobMismatch if not same."""
+        k = Keys(spec.run_id)
+        fields = {**spec.to_fields(), "submitted_at": f"{time.time():.6f}"}
+        flat = [x for kv in fields.items() for x in kv]
+        created = self.retrying(lambda: self._create(keys=[k.meta], args=flat))
+        if not created:
+            existing = JobSpec.from_fields(self.r.hgetall(k.meta))
+            if not existing.same_job(spec):
+                raise JobMismatch(
+                    f"run {spec.run_id} exists with a different job ({existing}); "
+                    "use a new run id"
+                )
+            return False
+        return True
+
+    def submitted_at(self, run_id: str) -> float | None:
+        value = self.r.hget(Keys(run_id).meta, "submitted_at")
+        return float(value) if value else None
+
+    # ---- results and dead letters -----------------------------------------------------
+    def results(self, run_id: str) -> Iterator[tuple[int, Partial, dict]]:
+        k = Keys(run_id)
+        for field, raw in self.r.hscan_iter(k.results, count=1000):
+            partial, meta = decode_result(raw)
+            yield int(field), partial, meta
+
+    def dead_letters(self, run_id: str) -> list[DeadLetter]:
+        k = Keys(run_id)
+        out: dict[int, DeadLetter] = {}
+        for _id, f in self.r.xrange(k.dlq):
+            try:
+                chunk = int(f.get("chunk", "-1"))
+            except ValueError:
+                chunk = -1
+            out[chunk] = DeadLetter(
+                chunk=chunk,
+                reason=f.get("reason", ""),
+                attempts=int(f.get("attempts", "0") or 0),
+                worker=f.get("worker") or None,
+                at=float(f["at"]) if f.get("at") else None,
+                raw=f.get("raw") or None,
+            )
+        return sorted(out.values(), key=lambda d: d.chunk)
+
+    def _stats(self, k: Keys) -> dict[str, float]:
+        raw = self.r.hgetall(k.stats)
+        return {key: float(value) for key, value in raw.items()}
+
+    def _workers_alive(self, k: Keys, now: float, horizon_s: float) -> int:
+        beats = self.r.hvals(k.workers)
+        return sum(1 for b in beats if now - float(b) <= horizon_s)
+
+    def base_progress(self, run_id: str, spec: JobSpec) -> Progress:
+        k = Keys(run_id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hlen(k.results)
+        pipe.xlen(k.dlq)
+        pipe.hgetall(k.stats)
+        pipe.hvals(k.workers)
+        done, dead, stats, beats = self.retrying(pipe.execute)
+        now = time.time()
+        horizon = 3 * max(self.config.min_idle_ms / 3000.0, 0.5)
+        return Progress(
+            chunks_total=spec.chunks_total,
+            done=done,
+            dead=dead,
+            executions=int(float(stats.get("executions", 0))),
+            duplicates=int(float(stats.get("duplicates", 0))),
+            reclaimed=int(float(stats.get("reclaimed", 0))),
+            retried=int(float(stats.get("retried", 0))),
+            task_s=float(stats.get("task_s", 0.0)),
+            workers_alive=sum(1 for b in beats if now - float(b) <= horizon),
+        )
+
+    def heartbeat(self) -> None:
+        if self.keys is not None:
+            self.r.hset(self.keys.workers, self.worker_id, f"{time.time():.3f}")
+
+    def dead_letter(
+        self,
+        chunk: int,
+        reason: str,
+        attempts: int,
+        entry_id: str = "",
+        raw: str = "",
+        task_s: float = 0.0,
+    ) -> None:
+        assert self.keys is not None
+        k = self.keys
+        self.retrying(
+            lambda: self._dead(
+                keys=[k.dlq, k.tasks, k.stats],
+                args=[GROUP, entry_id, chunk, reason[:2000], attempts, self.worker_id,
+                      f"{time.time():.3f}", raw[:2000], f"{task_s:.6f}"],
+            )
+        )
+
+    def store_result(self, chunk: int, result: str, task_s: float, entry_id: str = "") -> bool:
+        assert self.keys is not None
+        k = self.keys
+        new = self.retrying(
+            lambda: self._complete(
+                keys=[k.results, k.stats, k.tasks],
+                args=[chunk, result, f"{task_s:.6f}", GROUP, entry_id],
+            )
+        )
+        return bool(new)

@@ -1,0 +1,392 @@
+"""Redis Streams backend: a consumer group per run, leases renewed, dead workers reclaimed.
+
+- Lease: XREADGROUP. A worker's in-hand entries are renewed by a heartbeat thread
+  (XCLAIM ... JUSTID with min-idle 0, only on entries it still owns), so only a dead worker's
+  entries ever go idle.
+- Reclaim: XAUTOCLAIM with min-idle `min_idle_ms`, continuing its cursor over the whole
+  pending list. A restarted worker first takes back its own pending entries (XREADGROUP 0).
+- Retry: a task that raises is re-queued at once with attempt+1 (new entry, old one acked and
+  deleted in the same script); a chunk whose attempts plus deliveries pass `max_attempts`
+  is dead-lettered with its last error or "lost its worker N times".
+- Completion: result HSETNX + XACK + XDEL in one Lua script; acked entries are deleted, so the
+  stream only ever holds queued and in-flight chunks and XLEN stays bounded.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import redis.exceptions as rex
+
+from ttg.backends.base import BrokerConfig, Delivery, Progress
+from ttg.backends.redis_store import GROUP, Keys, RedisStore
+from ttg.errors import ConfigError
+from ttg.partial import Partial, encode_result
+from ttg.sweep import JobSpec
+
+log = logging.getLogger("ttg.redis")
+
+# KEYS: tasks, workers   ARGV: group, consumer, now, ids...
+RENEW_LUA = """
+local n = 0
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return n
+"""
+
+# KEYS: tasks, stats   ARGV: group, old id, chunk, start, end, attempt, error, task_s
+RETRY_LUA = """
+redis.call('XADD', KEYS[1], '*', 'c', ARGV[3], 's', ARGV[4], 'e', ARGV[5], 'a', ARGV[6],
+           'err', ARGV[7])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'retried', 1)
+redis.call('HINCRBY', KEYS[2], 'executions', 1)
+redis.call('HINCRBYFLOAT', KEYS[2], 'task_s', ARGV[8])
+return 1
+"""
+
+# KEYS: tasks   ARGV: group, old id, chunk, start, end, attempt
+RELEASE_LUA = """
+redis.call('XADD', KEYS[1], '*', 'c', ARGV[3], 's', ARGV[4], 'e', ARGV[5], 'a', ARGV[6])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+SUBMIT_BATCH = 1000
+
+
+class RedisStreamsBackend(RedisStore):
+    name = "redis"
+
+    def __init__(self, config: BrokerConfig) -> None:
+        super().__init__(config)
+        self._renew = self.r.register_script(RENEW_LUA)
+        self._retry = self.r.register_script(RETRY_LUA)
+        self._release = self.r.register_script(RELEASE_LUA)
+        self._buffer: collections.deque[Delivery] = collections.deque()
+        self._in_hand: dict[str, Delivery] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._cursor = "0-0"
+        self._last_reclaim = 0.0
+        self._own_pel_checked = False
+
+    @property
+    def renew_interval_s(self) -> float:
+        return max(self.config.min_idle_ms / 3000.0, 0.05)
+
+    # ---- controller -------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> bool:
+        k = Keys(spec.run_id)
+        created = self._create_meta(spec)
+        if not created:
+            if not self.r.hexists(k.meta, "enqueued"):  # an earlier submit died half-way
+                self.reconcile(spec.run_id)
+                self.r.hset(k.meta, "enqueued", spec.chunks_total)
+            return False
+        self._ensure_group(k)
+        for first in range(0, spec.chunks_total, SUBMIT_BATCH):
+            pipe = self.r.pipeline(transaction=False)
+            for chunk in range(first, min(first + SUBMIT_BATCH, spec.chunks_total)):
+                s, e = spec.bounds(chunk)
+                pipe.xadd(k.tasks, {"c": chunk, "s": s, "e": e, "a": 1})
+            self.retrying(pipe.execute)
+        self.r.hset(k.meta, "enqueued", spec.chunks_total)
+        return True
+
+    def _ensure_group(self, k: Keys) -> None:
+        try:
+            self.retrying(lambda: self.r.xgroup_create(k.tasks, GROUP, id="0", mkstream=True))
+        except rex.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _stream_chunks(self, k: Keys) -> tuple[set[int], int]:
+        """Chunks present in the stream (queued or in flight) and the in-flight count."""
+        present: set[int] = set()
+        last = "-"
+        while True:
+            page = self.r.xrange(k.tasks, min=last, max="+", count=5000)
+            if last != "-" and page and page[0][0] == last:
+                page = page[1:]
+            if not page:
+                break
+            for _id, fields in page:
+                try:
+                    present.add(int(fields["c"]))
+                except (KeyError, ValueError):
+                    pass
+            last = page[-1][0]
+        try:
+            pending = self.r.xpending(k.tasks, GROUP)["pending"]
+        except rex.ResponseError:
+            pending = 0
+        return present, pending
+
+    def progress(self, run_id: str) -> Progress:
+        spec = self.load_spec(run_id)
+        if spec is None:
+            raise ConfigError(f"run {run_id} has not been submitted")
+        p = self.base_progress(run_id, spec)
+        k = Keys(run_id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xlen(k.tasks)
+        pipe.xpending(k.tasks, GROUP)
+        try:
+            length, pending = self.retrying(pipe.execute)
+            p.in_flight = pending["pending"]
+            p.queued = max(length - p.in_flight, 0)
+        except rex.ResponseError:  # no group yet
+            pass
+        return p
+
+    def reconcile(self, run_id: str) -> list[int]:
+        spec = self.load_spec(run_id)
+        if spec is None:
+            raise ConfigError(f"run {run_id} has not been submitted")
+        k = Keys(run_id)
+        self._ensure_group(k)
+        # Stream first, then results: a chunk finishing in between is seen in the stream,
+        # so the race can only cause a harmless duplicate, never a miss.
+        present, _ = self._stream_chunks(k)
+        done = {int(c) for c in self.r.hkeys(k.results)}
+        dead = {d.chunk for d in self.dead_letters(run_id)}
+        missing = sorted(set(range(spec.chunks_total)) - present - done - dead)
+        for first in range(0, len(missing), SUBMIT_BATCH):
+            pipe = self.r.pipeline(transaction=False)
+            for chunk in missing[first:first + SUBMIT_BATCH]:
+                s, e = spec.bounds(chunk)
+                pipe.xadd(k.tasks, {"c": chunk, "s": s, "e": e, "a": 1})
+            pipe.execute()
+        if missing:
+            self.r.hincrby(k.stats, "reconciled", len(missing))
+            log.warning("reconcile re-enqueued %d chunk(s): %s", len(missing), missing[:20])
+        return missing
+
+    def replay_dead(self, run_id: str, chunks: list[int] | None = None) -> list[int]:
+        spec = self.load_spec(run_id)
+        if spec is None:
+            raise ConfigError(f"run {run_id} has not been submitted")
+        k = Keys(run_id)
+        replayed = []
+        for entry_id, f in self.r.xrange(k.dlq):
+            try:
+                chunk = int(f.get("chunk", "-1"))
+                s, e = spec.bounds(chunk)
+            except ValueError:
+                continue  # a malformed message stays where it is: there is nothing to replay
+            if chunks is not None and chunk not in chunks:
+                continue
+            pipe = self.r.pipeline(transaction=True)
+            pipe.xadd(k.tasks, {"c": chunk, "s": s, "e": e, "a": 1})
+            pipe.xdel(k.dlq, entry_id)
+            pipe.execute()
+            replayed.append(chunk)
+        return sorted(set(replayed))
+
+    # ---- worker -----------------------------------------------------------------------
+    def start_consuming(self, run_id: str, worker_id: str, worker_index: int | None) -> JobSpec:
+        self.keys = k = Keys(run_id)
+        self.worker_id = worker_id
+        self._ensure_group(k)
+        self.heartbeat()
+        self._renewer = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
+        self._renewer.start()
+        # The fleet may start before the job is submitted: block on the stream itself, so the
+        # first chunk is taken the moment it is enqueued (the job's meta is written first).
+        early: list = []
+        spec = self.load_spec(run_id)
+        while spec is None:
+            got = self.retrying(lambda: self.r.xreadgroup(
+                GROUP, self.worker_id, {k.tasks: ">"}, count=max(self.config.prefetch, 1),
+                block=1000))
+            for _s, entries in got or []:
+                early.extend(entries)
+            spec = self.load_spec(run_id)
+        self.spec = spec
+        for entry_id, fields in early:
+            self._push(entry_id, fields, reclaimed=False)
+        return spec
+
+    def _renew_loop(self) -> None:
+        assert self.keys is not None
+        while not self._stop.wait(self.renew_interval_s):
+            with self._lock:
+                ids = list(self._in_hand)
+            try:
+                self._renew(keys=[self.keys.tasks, self.keys.workers],
+                            args=[GROUP, self.worker_id, f"{time.time():.3f}", *ids])
+            except rex.RedisError as exc:  # the main loop handles reconnects
+                log.debug("lease renewal failed: %s", exc)
+
+    def _parse(self, entry_id: str, fields: dict | None, reclaimed: bool) -> Delivery | None:
+        """A Delivery, or None after dead-lettering a malformed entry."""
+        assert self.spec is not None
+        if not fields:  # deleted while pending: nothing left to do
+            self.r.xack(self.keys.tasks, GROUP, entry_id)
+            return None
+        try:
+            chunk = int(fields["c"])
+            start, end = self.spec.bounds(chunk)
+            attempt = int(fields.get("a", 1))
+            if "s" in fields and (int(fields["s"]), int(fields["e"])) != (start, end):
+                raise ValueError(f"bounds {fields['s']}..{fields['e']} do not match the job")
+        except (KeyError, ValueError) as exc:
+            reason = f"malformed message: {exc.__class__.__name__}: {exc}"
+            log.error("dead-lettering entry %s: %s", entry_id, reason)
+            chunk = int(fields["c"]) if str(fields.get("c", "")).isdigit() else -1
+            self.dead_letter(chunk, reason, 0, entry_id=entry_id, raw=repr(fields))
+            return None
+        return Delivery(self.spec.run_id, chunk, start, end, attempt, token=entry_id,
+                        reclaimed=reclaimed, last_error=fields.get("err"))
+
+    def _deliveries(self, d: Delivery) -> int:
+        info = self.r.xpending_range(self.keys.tasks, GROUP, d.token, d.token, 1)
+        return int(info[0]["times_delivered"]) if info else 1
+
+    def _admit(self, d: Delivery) -> Delivery | None:
+        """Check a reclaimed delivery against the attempt limit; take it in hand."""
+        assert self.spec is not None
+        if d.reclaimed:
+            lost = self._deliveries(d) - 1
+            if d.attempt + lost > self.spec.max_attempts:
+                reason = f"delivery limit: the chunk lost its worker {lost} time(s)"
+                if d.last_error:
+                    reason += f"; last error: {d.last_error}"
+                log.error("dead-lettering: %s", reason, extra={"chunk": d.chunk})
+                self.dead_letter(d.chunk, reason, d.attempt + lost, entry_id=d.token)
+                return None
+            self.r.hincrby(self.keys.stats, "reclaimed", 1)
+            log.info("reclaimed chunk (delivery %d)", lost + 1,
+                     extra={"chunk": d.chunk, "attempt": d.attempt})
+        with self._lock:
+            self._in_hand[d.token] = d
+        return d
+
+    def _fill(self, timeout_s: float) -> None:
+        assert self.keys is not None
+        k = self.keys
+        count = max(self.config.prefetch, 1)
+        if not self._own_pel_checked:  # a restarted worker takes back what it held
+            self._own_pel_checked = True
+            got = self.retrying(lambda: self.r.xreadgroup(GROUP, self.worker_id,
+                                                          {k.tasks: "0"}, count=1000))
+            for _s, entries in got or []:
+                for entry_id, fields in entries:
+                    self._push(entry_id, fields, reclaimed=True)
+            if self._buffer:
+                return
+        now = time.monotonic()
+        if now - self._last_reclaim >= self.renew_interval_s:
+            self._last_reclaim = now
+            self._reclaim(count)
+            if self._buffer:  # found a dead worker's chunk: look again right after this one
+                self._last_reclaim = 0.0
+                return
+        got = self.retrying(lambda: self.r.xreadgroup(
+            GROUP, self.worker_id, {k.tasks: ">"}, count=count,
+            block=max(int(timeout_s * 1000), 1)))
+        for _s, entries in got or []:
+            for entry_id, fields in entries:
+                self._push(entry_id, fields, reclaimed=False)
+
+    def _push(self, entry_id: str, fields: dict | None, reclaimed: bool) -> None:
+        d = self._parse(entry_id, fields, reclaimed)
+        if d is not None:
+            self._buffer.append(d)
+
+    def _reclaim(self, count: int) -> None:
+        """XAUTOCLAIM over the whole pending list, resuming the cursor between calls."""
+        assert self.keys is not None
+        k = self.keys
+        for _ in range(100):
+            res = self.retrying(lambda: self.r.xautoclaim(
+                k.tasks, GROUP, self.worker_id, self.config.min_idle_ms,
+                start_id=self._cursor, count=count))
+            self._cursor = res[0]
+            for entry_id, fields in res[1]:
+                self._push(entry_id, fields, reclaimed=True)
+            if self._buffer or self._cursor == "0-0":
+                return
+
+    def next_delivery(self, timeout_s: float) -> Delivery | None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            while self._buffer:
+                d = self._admit(self._buffer.popleft())
+                if d is not None:
+                    return d
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._fill(min(remaining, self.renew_interval_s))
+
+    def _drop(self, d: Delivery) -> None:
+        with self._lock:
+            self._in_hand.pop(d.token, None)
+
+    def complete(self, delivery: Delivery, partial: Partial, meta: dict) -> bool:
+        new = self.store_result(delivery.chunk, encode_result(partial, **meta),
+                                float(meta.get("task_s", 0.0)), entry_id=delivery.token)
+        self._drop(delivery)
+        return new
+
+    def fail(self, delivery: Delivery, error: str, task_s: float = 0.0) -> str:
+        assert self.spec is not None and self.keys is not None
+        k = self.keys
+        d = delivery
+        self._drop(d)
+        if d.attempt >= self.spec.max_attempts:
+            self.dead_letter(d.chunk, error, d.attempt, entry_id=d.token, task_s=task_s)
+            return "dead"
+        self.retrying(lambda: self._retry(
+            keys=[k.tasks, k.stats],
+            args=[GROUP, d.token, d.chunk, d.start, d.end, d.attempt + 1, error[:2000],
+                  f"{task_s:.6f}"]))
+        return "retried"
+
+    def release(self, delivery: Delivery) -> None:
+        assert self.keys is not None
+        d = delivery
+        self._release(keys=[self.keys.tasks],
+                      args=[GROUP, d.token, d.chunk, d.start, d.end, d.attempt])
+        self._drop(d)
+
+    def release_prefetched(self) -> None:
+        """Hand back prefetched, unstarted chunks (graceful stop)."""
+        while self._buffer:
+            d = self._buffer.popleft()
+            self.release(d)
+
+    def finished_for_me(self) -> bool:
+        assert self.spec is not None and self.keys is not None
+        k = self.keys
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hlen(k.results)
+        pipe.xlen(k.dlq)
+        done, dead = self.retrying(pipe.execute)
+        return done + dead >= self.spec.chunks_total
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=2)
+        super().close()
+
+    def iter_pending_ids(self) -> Iterator[str]:  # for tests and `ttg status`
+        assert self.keys is not None
+        for item in self.r.xpending_range(self.keys.tasks, GROUP, "-", "+", 10000):
+            yield item["message_id"]

@@ -1,0 +1,346 @@
+"""`ttg`: submit, work, sweep, status, wait, aggregate, reconcile, dlq, check, validate.
+
+Every option has a `TTG_*` environment variable; flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ttg import log as tlog
+from ttg.backends import BACKENDS, get_backend
+from ttg.backends.base import Backend, BrokerConfig
+from ttg.errors import ConfigError, TTGError
+from ttg.sweep import JobSpec, check_run_id, new_run_id
+
+log = logging.getLogger("ttg")
+
+DEFAULT_URLS = {
+    "redis": "redis://127.0.0.1:16379/0",
+    "static": "redis://127.0.0.1:16379/0",
+    "rabbitmq": "amqp://ttg@127.0.0.1:5673/ttg",
+}
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+
+
+def _float(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+
+
+def common_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("broker and run (each also a TTG_* variable)")
+    g.add_argument("--backend", default=env("TTG_BACKEND", "redis"),
+                   help=f"one of {', '.join(BACKENDS)} (TTG_BACKEND, default redis)")
+    g.add_argument("--broker-url", default=env("TTG_BROKER_URL"),
+                   help="redis://[:password@]host:port/db or amqp://user[:password]@host:port/"
+                        "vhost (TTG_BROKER_URL)")
+    g.add_argument("--broker-password-file", default=env("TTG_BROKER_PASSWORD_FILE"),
+                   help="file holding the broker password (TTG_BROKER_PASSWORD_FILE)")
+    g.add_argument("--run-id", default=env("TTG_RUN_ID"), help="run id (TTG_RUN_ID)")
+    g.add_argument("--log-format", choices=["text", "json"],
+                   default=env("TTG_LOG_FORMAT", "text"), help="TTG_LOG_FORMAT")
+    g.add_argument("--log-level", default=env("TTG_LOG_LEVEL", "INFO"), help="TTG_LOG_LEVEL")
+    g.add_argument("--connect-timeout", type=_float,
+                   default=_float(env("TTG_CONNECT_TIMEOUT", "10")),
+                   help="seconds of retries before 'broker unreachable' (TTG_CONNECT_TIMEOUT)")
+    g.add_argument("--min-idle-ms", type=_int, default=_int(env("TTG_MIN_IDLE_MS", "3000")),
+                   help="a lease idle this long is reclaimed (TTG_MIN_IDLE_MS, default 3000)")
+    g.add_argument("--prefetch", type=_int, default=_int(env("TTG_PREFETCH", "0")),
+                   help="chunks taken ahead per worker (TTG_PREFETCH; 0 = backend default)")
+    return p
+
+
+def job_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("job (each also a TTG_* variable)")
+    g.add_argument("--params", type=_int, default=_int(env("TTG_PARAMS", "10000")))
+    g.add_argument("--chunk-size", type=_int, default=_int(env("TTG_CHUNK_SIZE", "100")))
+    g.add_argument("--task", default=env("TTG_TASK", "reference"),
+                   help="built-in name or module:function (TTG_TASK)")
+    g.add_argument("--work-ms", type=_float, default=_float(env("TTG_WORK_MS", "1")),
+                   help="simulated work per parameter (TTG_WORK_MS)")
+    g.add_argument("--workers", type=_int, default=_int(env("TTG_WORKERS", "3")),
+                   help="fleet size: the static split and the utilization (TTG_WORKERS)")
+    g.add_argument("--max-attempts", type=_int, default=_int(env("TTG_MAX_ATTEMPTS", "5")),
+                   help="executions before a chunk is dead-lettered (TTG_MAX_ATTEMPTS)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common, job = common_parser(), job_parser()
+    parser = argparse.ArgumentParser(prog="ttg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    sub.add_parser("validate", parents=[job], help="check a job spec offline")
+    sub.add_parser("check", parents=[common], help="connect and authenticate to the broker")
+    sub.add_parser("submit", parents=[common, job], help="submit a job (idempotent per run id)")
+
+    w = sub.add_parser("work", parents=[common], help="run a worker")
+    w.add_argument("--worker-id", default=env("TTG_WORKER_ID"))
+    w.add_argument("--worker-index", type=_int,
+                   default=env("TTG_WORKER_INDEX", env("JOB_COMPLETION_INDEX")))
+    w.add_argument("--exit-when-done", action="store_true",
+                   default=env("TTG_EXIT_WHEN_DONE", "0") == "1")
+    w.add_argument("--metrics-port", type=_int, default=_int(env("TTG_METRICS_PORT", "0")))
+
+    s = sub.add_parser("sweep", parents=[common, job],
+                       help="submit, wait with progress, aggregate, write the run summary")
+    s.add_argument("--platform", default=env("TTG_PLATFORM", "local"))
+    s.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")))
+    s.add_argument("--timeout", type=_float, default=None, help="give up after S seconds")
+    s.add_argument("--stall-timeout", type=_float, default=60.0,
+                   help="reconcile after S seconds without progress")
+    s.add_argument("--faults", type=Path, help="JSON list of fault records for the summary")
+    s.add_argument("--json", action="store_true", help="print only the JSON summary")
+
+    st = sub.add_parser("status", parents=[common], help="progress of a run")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", action="store_true", help="redraw until the run finishes")
+
+    wt = sub.add_parser("wait", parents=[common], help="wait for a run, with progress")
+    wt.add_argument("--timeout", type=_float, default=None)
+    wt.add_argument("--watch", action="store_true", help="(default) show progress")
+
+    a = sub.add_parser("aggregate", parents=[common], help="merge the results of a run")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--export", type=Path, help="write per-chunk partials to this file")
+    a.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
+
+    sub.add_parser("reconcile", parents=[common],
+                   help="re-enqueue chunks neither done, queued, in flight nor dead")
+
+    d = sub.add_parser("dlq", parents=[common], help="dead-lettered chunks")
+    dsub = d.add_subparsers(dest="dlq_cmd", required=True)
+    dl = dsub.add_parser("list", parents=[common])
+    dl.add_argument("--json", action="store_true")
+    dr = dsub.add_parser("replay", parents=[common])
+    dr.add_argument("--chunk", type=_int, action="append", help="only this chunk (repeatable)")
+    return parser
+
+
+def job_spec(args: argparse.Namespace, run_id: str) -> JobSpec:
+    return JobSpec(
+        run_id=run_id,
+        params=args.params,
+        chunk_size=args.chunk_size,
+        task=args.task,
+        work_ms=args.work_ms,
+        workers=args.workers,
+        max_attempts=args.max_attempts,
+    ).validate()
+
+
+def broker_config(args: argparse.Namespace) -> BrokerConfig:
+    if args.backend not in BACKENDS:
+        raise ConfigError(
+            f"unknown backend {args.backend!r}: valid backends are {', '.join(BACKENDS)}"
+        )
+    password = None
+    if args.broker_password_file:
+        try:
+            password = Path(args.broker_password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the broker password file: {exc}") from exc
+    prefetch = args.prefetch or (1 if args.backend != "rabbitmq" else 4)
+    if prefetch < 0 or args.min_idle_ms <= 0:
+        raise ConfigError("--prefetch must be >= 0 and --min-idle-ms > 0")
+    return BrokerConfig(
+        url=args.broker_url or DEFAULT_URLS[args.backend],
+        password=password,
+        prefetch=prefetch,
+        min_idle_ms=args.min_idle_ms,
+        connect_timeout_s=args.connect_timeout,
+        retry_budget_s=max(args.connect_timeout, 60.0),
+    )
+
+
+def need_run_id(args: argparse.Namespace) -> str:
+    if not args.run_id:
+        raise ConfigError("no run id: pass --run-id or set TTG_RUN_ID")
+    return check_run_id(args.run_id)
+
+
+def connect(args: argparse.Namespace) -> Backend:
+    backend = get_backend(args.backend, broker_config(args))
+    backend.check()
+    return backend
+
+
+def cmd_work(args: argparse.Namespace) -> int:
+    from ttg import metrics
+    from ttg.worker import Worker
+
+    run_id = need_run_id(args)
+    worker_id = args.worker_id or (
+        f"worker-{args.worker_index}" if args.worker_index is not None
+        else f"{socket.gethostname()}-{os.getpid()}"
+    )
+    index = int(args.worker_index) if args.worker_index is not None else None
+    worker = Worker(get_backend(args.backend, broker_config(args)), run_id, worker_id, index,
+                    exit_when_done=args.exit_when_done)
+    worker.install_signals()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    worker.backend.check()
+    return worker.run()
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ttg.controller import human, run_sweep
+
+    run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
+    spec = job_spec(args, run_id)
+    faults = json.loads(args.faults.read_text()) if args.faults else None
+    backend = connect(args)
+    summary = run_sweep(backend, spec, args.platform, args.runs_dir, timeout_s=args.timeout,
+                        stall_s=args.stall_timeout, faults=faults)
+    if not args.json:
+        print(human(summary))
+    print(json.dumps(summary))
+    return 0 if summary["ok"] else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ttg.progress import Reporter
+
+    run_id = need_run_id(args)
+    backend = connect(args)
+    spec = backend.load_spec(run_id)
+    if spec is None:
+        raise ConfigError(f"run {run_id} has not been submitted")
+    reporter = Reporter(spec.params, spec.chunk_size, stream=sys.stdout, live=args.watch)
+    while True:
+        p = backend.progress(run_id)
+        if args.json and not args.watch:
+            print(json.dumps({"run_id": run_id, "finished": p.finished, **p.to_dict()}))
+            return 0
+        reporter.update(p, force=True)
+        if not args.watch or p.finished:
+            reporter.close()
+            return 0
+        time.sleep(0.5)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from ttg.controller import wait
+    from ttg.progress import Reporter
+
+    run_id = need_run_id(args)
+    backend = connect(args)
+    spec = backend.load_spec(run_id)
+    if spec is None:
+        raise ConfigError(f"run {run_id} has not been submitted")
+    reporter = Reporter(spec.params, spec.chunk_size)
+    p = wait(backend, run_id, reporter, timeout_s=args.timeout)
+    reporter.close(p)
+    return 0 if p.finished and p.dead == 0 else 1
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from ttg.partial import Aggregator
+
+    run_id = need_run_id(args)
+    backend = connect(args)
+    agg = Aggregator()
+    out = args.export.open("w", newline="") if args.export else None
+    writer = None
+    try:
+        for chunk, partial, meta in backend.results(run_id):
+            agg.add(chunk, partial)
+            if out is None:
+                continue
+            row = {"chunk": chunk, **partial.to_dict(),
+                   **{k: v for k, v in meta.items() if k not in partial.to_dict()}}
+            if args.format == "jsonl":
+                out.write(json.dumps(row) + "\n")
+            else:
+                if writer is None:
+                    writer = csv.DictWriter(out, fieldnames=list(row), extrasaction="ignore")
+                    writer.writeheader()
+                writer.writerow(row)
+    finally:
+        if out:
+            out.close()
+    result = {"run_id": run_id, "chunks": len(agg.seen), **agg.result()}
+    print(json.dumps(result) if args.json else
+          f"{result['chunks']} chunks: count {result['count']} sum {result['sum']} "
+          f"min {result['min']} max {result['max']}")
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    run_id = need_run_id(args)
+    backend = connect(args)
+    if args.dlq_cmd == "replay":
+        replayed = backend.replay_dead(run_id, args.chunk)
+        print(f"replayed {len(replayed)} chunk(s): {replayed}")
+        return 0
+    dead = backend.dead_letters(run_id)
+    if args.json:
+        print(json.dumps([d.to_dict() for d in dead]))
+    else:
+        for d in dead:
+            print(f"chunk {d.chunk}: {d.reason} (attempts {d.attempts}, worker {d.worker})")
+        print(f"{len(dead)} dead-lettered chunk(s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tlog.setup(getattr(args, "log_format", "text"), getattr(args, "log_level", "INFO"))
+    try:
+        if args.cmd == "validate":
+            job_spec(args, "validate")
+            print("job spec ok")
+            return 0
+        if args.cmd == "check":
+            connect(args).close()
+            print(f"{args.backend} broker reachable")
+            return 0
+        if args.cmd == "submit":
+            run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
+            spec = job_spec(args, run_id)
+            created = connect(args).submit(spec)
+            print(f"{'submitted' if created else 'already submitted'}: run {run_id}, "
+                  f"{spec.chunks_total} chunks")
+            return 0
+        if args.cmd == "reconcile":
+            missing = connect(args).reconcile(need_run_id(args))
+            print(f"re-enqueued {len(missing)} chunk(s): {missing[:50]}")
+            return 0
+        handler = {"work": cmd_work, "sweep": cmd_sweep, "status": cmd_status,
+                   "wait": cmd_wait, "aggregate": cmd_aggregate, "dlq": cmd_dlq}[args.cmd]
+        return handler(args)
+    except TTGError as exc:
+        print(f"ttg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

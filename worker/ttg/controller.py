@@ -1,0 +1,198 @@
+"""The controller: submit a job, wait for it, aggregate and write the run summary.
+
+Completion is decided from the results and dead letters against the job's chunk list, never
+from counters or idle time. While waiting, a run with nothing queued and nothing in flight but
+chunks still missing is reconciled: the missing chunks are enqueued again (this also repairs a
+broker that lost its last writes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from ttg.backends.base import Backend, Progress
+from ttg.errors import TTGError
+from ttg.partial import Aggregator
+from ttg.progress import Reporter
+from ttg.sweep import JobSpec, reference_expected_sum
+
+log = logging.getLogger("ttg.controller")
+
+
+class WaitTimeout(TTGError):
+    exit_code = 1
+
+
+def wait(
+    backend: Backend,
+    run_id: str,
+    reporter: Reporter | None = None,
+    timeout_s: float | None = None,
+    stall_s: float = 60.0,
+    poll_s: float = 0.1,
+) -> Progress:
+    """Block until every chunk is done or dead-lettered (or until it cannot progress)."""
+    t0 = time.monotonic()
+    last_change = t0
+    last_key = None
+    reconciled_at = 0.0
+    while True:
+        p = backend.progress(run_id)
+        if reporter:
+            reporter.update(p)
+        if p.finished:
+            return p
+        now = time.monotonic()
+        key = (p.done, p.dead, p.executions)
+        if key != last_key:
+            last_key, last_change = key, now
+        idle = p.queued == 0 and p.in_flight == 0
+        stalled = now - last_change > stall_s
+        if (idle or stalled) and now - reconciled_at > max(stall_s / 4, 2.0):
+            reconciled_at = now
+            backend.reconcile(run_id)
+        if stalled and p.workers_alive == 0 and now - last_change > 2 * stall_s:
+            log.error("no progress for %.0fs and no live worker: giving up", now - last_change)
+            return p
+        if timeout_s is not None and now - t0 > timeout_s:
+            raise WaitTimeout(f"run {run_id} not finished after {timeout_s:.0f}s")
+        time.sleep(poll_s)
+
+
+def aggregate(backend: Backend, run_id: str, chunks_log: Path | None = None) -> Aggregator:
+    """Merge every chunk's first result; optionally write the per-chunk log (JSON lines)."""
+    agg = Aggregator()
+    out = chunks_log.open("w") if chunks_log else None
+    try:
+        for chunk, partial, meta in backend.results(run_id):
+            agg.add(chunk, partial)
+            if out:
+                out.write(json.dumps({"chunk": chunk, **meta}, separators=(",", ":")) + "\n")
+    finally:
+        if out:
+            out.close()
+    return agg
+
+
+def build_summary(
+    spec: JobSpec,
+    backend_name: str,
+    platform: str,
+    agg: Aggregator,
+    progress: Progress,
+    dead: list[int],
+    wall_s: float,
+    faults: list[dict] | None = None,
+) -> dict:
+    done = agg.seen
+    missing = spec.chunks_total - len(done | set(dead))
+    result = agg.result()
+    expected = reference_expected_sum(spec.params) if spec.task == "reference" else None
+    ok = (
+        missing == 0
+        and not dead
+        and result["count"] == spec.params
+        and (expected is None or result["sum"] == expected)
+    )
+    summary = {
+        "run_id": spec.run_id,
+        "platform": platform,
+        "backend": backend_name,
+        "task": spec.task,
+        "params": spec.params,
+        "chunk_size": spec.chunk_size,
+        "workers": spec.workers,
+        "work_ms": spec.work_ms,
+        "chunks_total": spec.chunks_total,
+        "chunks_done": len(done),
+        "chunks_missing": missing,
+        "chunks_dead_lettered": len(dead),
+        "executions": progress.executions,
+        "result": result,
+        "wall_s": round(wall_s, 3),
+        "utilization": round(progress.task_s / (spec.workers * wall_s), 3) if wall_s else 0.0,
+        "faults": faults or [],
+        "ok": ok,
+    }
+    if expected is not None:
+        summary["expected_sum"] = expected
+    if dead:
+        summary["dead_lettered"] = dead
+    return summary
+
+
+def write_summary(runs_dir: Path, summary: dict) -> Path:
+    run_dir = runs_dir / summary["run_id"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "summary.json"
+    text = json.dumps(summary, indent=2) + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    latest = runs_dir / "latest"
+    if latest.is_symlink() or latest.is_file():
+        latest.unlink()
+    if latest.is_dir():
+        (latest / "summary.json").write_text(text)
+    else:
+        latest.symlink_to(summary["run_id"], target_is_directory=True)
+    return path
+
+
+def human(summary: dict) -> str:
+    r = summary["result"]
+    lines = [
+        f"run {summary['run_id']}  {summary['platform']}/{summary['backend']}  "
+        f"task {summary['task']}  {summary['workers']} workers",
+        f"  chunks   {summary['chunks_done']}/{summary['chunks_total']} done, "
+        f"{summary['chunks_missing']} missing, {summary['chunks_dead_lettered']} dead-lettered, "
+        f"{summary['executions']} executions",
+        f"  result   count {r['count']:,}  sum {r['sum']}  min {r['min']}  max {r['max']}",
+        f"  time     {summary['wall_s']:.2f} s wall, utilization {summary['utilization']:.0%}",
+    ]
+    if "expected_sum" in summary:
+        mark = "matches" if r["sum"] == summary["expected_sum"] else "DOES NOT match"
+        lines.append(f"  check    sum {mark} the expected {summary['expected_sum']}")
+    if summary.get("dead_lettered"):
+        lines.append(f"  dead     chunks {summary['dead_lettered'][:20]}")
+    for f in summary.get("faults", []):
+        lines.append(f"  fault    {f}")
+    lines.append(f"  verdict  {'OK' if summary['ok'] else 'NOT OK'}")
+    return "\n".join(lines)
+
+
+def run_sweep(
+    backend: Backend,
+    spec: JobSpec,
+    platform: str,
+    runs_dir: Path,
+    timeout_s: float | None = None,
+    stall_s: float = 60.0,
+    faults: list[dict] | None = None,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Submit, wait, aggregate; write runs/<id>/summary.json and runs/latest; return it."""
+    t0 = time.time()
+    if not backend.submit(spec):
+        log.info("run %s was already submitted: waiting for it", spec.run_id)
+        t0 = getattr(backend, "submitted_at", lambda _r: None)(spec.run_id) or t0
+    reporter = reporter or Reporter(spec.params, spec.chunk_size)
+    while True:
+        progress = wait(backend, spec.run_id, reporter, timeout_s=timeout_s, stall_s=stall_s)
+        run_dir = runs_dir / spec.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        agg = aggregate(backend, spec.run_id, run_dir / "chunks.jsonl")
+        dead = sorted({d.chunk for d in backend.dead_letters(spec.run_id)} - agg.seen)
+        if len(agg.seen) + len(dead) >= spec.chunks_total or not progress.finished:
+            break
+        # counts said finished but the exact sets disagree (a duplicate dead letter): go on
+        backend.reconcile(spec.run_id)
+    wall_s = time.time() - t0
+    reporter.close(progress)
+    summary = build_summary(spec, backend.name, platform, agg, progress, dead, wall_s, faults)
+    write_summary(runs_dir, summary)
+    return summary

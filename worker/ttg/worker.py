@@ -1,0 +1,108 @@
+"""The worker loop: take a chunk, run it, write the result and ack together; repeat.
+
+Two-stage shutdown (SIGTERM or SIGINT): the first signal finishes the chunk in hand, hands
+back anything prefetched and exits 0; a second signal exits at once (the chunk in hand is
+then reclaimed by another worker). Broker outages are retried inside the backend for a
+bounded time; past it the worker exits non-zero and its supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import traceback
+from types import FrameType
+
+from ttg import log as tlog
+from ttg import metrics
+from ttg.backends.base import Backend, Delivery
+from ttg.tasks import load_task, run_chunk
+
+log = logging.getLogger("ttg.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        backend: Backend,
+        run_id: str,
+        worker_id: str,
+        worker_index: int | None = None,
+        exit_when_done: bool = False,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.backend = backend
+        self.run_id = run_id
+        self.worker_id = worker_id
+        self.worker_index = worker_index
+        self.exit_when_done = exit_when_done
+        self.poll_s = poll_s
+        self.stopping = False
+        self.chunks_done = 0
+        # Test hook for chaos: die right after the result write, before anything else.
+        self._kill_after_write = os.environ.get("TTG_TEST_KILL_AFTER_WRITE") == "1"
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stopping:
+            log.warning("second signal %d: exiting now", signum)
+            os._exit(128 + signum)
+        self.stopping = True
+        log.info("signal %d: finishing the chunk in hand, then exiting", signum)
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def run(self) -> int:
+        tlog.bind(run_id=self.run_id, worker=self.worker_id)
+        spec = self.backend.start_consuming(self.run_id, self.worker_id, self.worker_index)
+        task = load_task(spec.task)
+        log.info("joined run: %d chunks of %d, task %s, work_ms %s",
+                 spec.chunks_total, spec.chunk_size, spec.task, spec.work_ms)
+        try:
+            while not self.stopping:
+                d = self.backend.next_delivery(self.poll_s)
+                if d is None:
+                    if self.exit_when_done and self.backend.finished_for_me():
+                        log.info("run complete: exiting (%d chunks done here)", self.chunks_done)
+                        break
+                    continue
+                if self.stopping:
+                    self.backend.release(d)
+                    break
+                self._execute(d, task, spec.work_ms)
+        finally:
+            self.backend.release_prefetched()
+            self.backend.close()
+        return 0
+
+    def _execute(self, d: Delivery, task: object, work_ms: float) -> None:
+        extra = {"chunk": d.chunk, "attempt": d.attempt}
+        metrics.IN_FLIGHT.inc()
+        t0 = time.time()
+        try:
+            partial = run_chunk(task, d.start, d.end, work_ms)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - any task error is the chunk's failure
+            task_s = time.time() - t0
+            error = f"{exc.__class__.__name__}: {exc}"
+            outcome = self.backend.fail(d, error, task_s)
+            metrics.CHUNKS_FAILED.labels(outcome).inc()
+            log.warning("task failed (%s): %s", outcome, error, extra=extra)
+            log.debug("%s", traceback.format_exc(), extra=extra)
+            return
+        finally:
+            metrics.IN_FLIGHT.dec()
+        t1 = time.time()
+        meta = {"worker": self.worker_id, "started": round(t0, 6), "finished": round(t1, 6),
+                "task_s": round(t1 - t0, 6), "attempt": d.attempt}
+        new = self.backend.complete(d, partial, meta)
+        if self._kill_after_write:
+            os._exit(137)
+        self.chunks_done += 1
+        metrics.CHUNKS_DONE.inc()
+        metrics.CHUNK_SECONDS.observe(t1 - t0)
+        if d.reclaimed:
+            metrics.RECLAIMS.inc()
+        log.debug("chunk done%s", "" if new else " (duplicate: first write kept)", extra=extra)
