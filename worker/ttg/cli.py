@@ -1,4 +1,4 @@
-"""`ttg`: submit, work, sweep, status, wait, aggregate, reconcile, dlq, check, validate.
+"""`ttg`: submit, work, sweep, status, wait, aggregate, reconcile, dlq, report, check, validate.
 
 Every option has a `TTG_*` environment variable; flags win over the environment.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from ttg import log as tlog
 from ttg.backends import BACKENDS, get_backend
 from ttg.backends.base import Backend, BrokerConfig
+from ttg.chaos import FAULTS
 from ttg.errors import ConfigError, TTGError
 from ttg.sweep import JobSpec, check_run_id, new_run_id
 
@@ -105,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env("TTG_WORKER_INDEX", env("JOB_COMPLETION_INDEX")))
     w.add_argument("--exit-when-done", action="store_true",
                    default=env("TTG_EXIT_WHEN_DONE", "0") == "1")
-    w.add_argument("--metrics-port", type=_int, default=_int(env("TTG_METRICS_PORT", "0")))
+    w.add_argument("--metrics-port", type=_int, default=_int(env("TTG_METRICS_PORT", "0")),
+                   help="serve Prometheus metrics on this port (TTG_METRICS_PORT; 0 = off)")
+    w.add_argument("--metrics-addr", default=env("TTG_METRICS_ADDR", "127.0.0.1"),
+                   help="address for the metrics port (TTG_METRICS_ADDR, default 127.0.0.1)")
 
     s = sub.add_parser("sweep", parents=[common, job],
                        help="submit, wait with progress, aggregate, write the run summary")
@@ -116,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconcile after S seconds without progress")
     s.add_argument("--faults", type=Path, help="JSON list of fault records for the summary")
     s.add_argument("--json", action="store_true", help="print only the JSON summary")
+    s.add_argument("--metrics-port", type=_int, default=0,
+                   help="serve the run's progress gauges on this port (0 = off)")
+    s.add_argument("--metrics-addr", default=env("TTG_METRICS_ADDR", "127.0.0.1"))
+    s.add_argument("--report", action="store_true",
+                   help="write runs/<id>/report.md and its plots at the end")
 
     st = sub.add_parser("status", parents=[common], help="progress of a run")
     st.add_argument("--json", action="store_true")
@@ -124,6 +133,38 @@ def build_parser() -> argparse.ArgumentParser:
     wt = sub.add_parser("wait", parents=[common], help="wait for a run, with progress")
     wt.add_argument("--timeout", type=_float, default=None)
     wt.add_argument("--watch", action="store_true", help="(default) show progress")
+    wt.add_argument("--metrics-port", type=_int, default=0,
+                    help="serve the run's progress gauges on this port (0 = off)")
+    wt.add_argument("--metrics-addr", default=env("TTG_METRICS_ADDR", "127.0.0.1"))
+
+    rp = sub.add_parser("report", help="write runs/<id>/report.md with plots from a run dir")
+    rp.add_argument("--run-dir", type=Path, help="runs/<run_id> (default: the latest run)")
+    rp.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")),
+                    help="where runs live; the latest one is reported (TTG_RUNS_DIR)")
+
+    c = sub.add_parser("chaos", parents=[common, job],
+                       help="a sweep with one fault injected, measured and verified")
+    c.add_argument("--fault", required=True, help="one of: " + ", ".join(FAULTS))
+    c.add_argument("--at", type=_float, default=0.3, help="progress at which to strike")
+    c.add_argument("--interval", type=_float, default=2.0, help="worker-kill-repeat period")
+    c.add_argument("--platform", default=env("TTG_PLATFORM", "local"))
+    c.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")))
+    c.add_argument("--timeout", type=_float, default=900.0)
+    c.add_argument("--stall-timeout", type=_float, default=30.0)
+    c.add_argument("--supervisor-config", default=env("TTG_SUPERVISOR_CONFIG"),
+                   help="local platform: the project's supervisord.conf")
+    c.add_argument("--supervisorctl", default=env("TTG_SUPERVISORCTL", "supervisorctl"))
+    c.add_argument("--fleet-program", default="ttg-fleet")
+    c.add_argument("--broker-program", default=None, help="default: ttg-<backend's broker>")
+    c.add_argument("--json", action="store_true")
+
+    ce = sub.add_parser("chaos-env", parents=[common, job],
+                        help="print (JSON) the worker environment a fault needs")
+    ce.add_argument("--fault", required=True)
+
+    ct = sub.add_parser("chaos-table", help="fault x backend table of chaos runs")
+    ct.add_argument("summaries", nargs="*", type=Path, help="summary.json files")
+    ct.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")))
 
     a = sub.add_parser("aggregate", parents=[common], help="merge the results of a run")
     a.add_argument("--json", action="store_true")
@@ -204,9 +245,52 @@ def cmd_work(args: argparse.Namespace) -> int:
                     exit_when_done=args.exit_when_done)
     worker.install_signals()
     if args.metrics_port:
-        metrics.serve(args.metrics_port)
+        metrics.serve(args.metrics_port, args.metrics_addr, run_id=run_id, worker=worker_id,
+                      backend=args.backend)
     worker.backend.check()
     return worker.run()
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from ttg.chaos import Chaos, LocalPlatform, experiment_spec, worker_env_for
+    from ttg.controller import human, run_sweep
+
+    run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
+    spec, expect_dead = experiment_spec(job_spec(args, run_id), args.fault)
+    if args.platform != "local":
+        raise ConfigError(f"chaos on platform {args.platform!r} is not implemented yet")
+    if not args.supervisor_config:
+        raise ConfigError("the local platform needs --supervisor-config (TTG_SUPERVISOR_CONFIG)")
+    broker = args.broker_program or ("ttg-rabbitmq" if args.backend == "rabbitmq" else "ttg-redis")
+    platform = LocalPlatform(args.supervisorctl, args.supervisor_config, args.fleet_program,
+                             broker)
+    config = broker_config(args)
+    chaos = Chaos(args.fault, spec, platform, lambda: get_backend(args.backend, config),
+                  at=args.at, interval_s=args.interval,
+                  worker_env=worker_env_for(args.fault, spec.chunk_size, args.min_idle_ms))
+    backend = connect(args)
+    summary = run_sweep(backend, spec, args.platform, args.runs_dir, timeout_s=args.timeout,
+                        stall_s=args.stall_timeout, during=chaos.run, expect_dead=expect_dead)
+    if not args.json:
+        print(human(summary))
+    print(json.dumps(summary))
+    return 0 if summary["ok"] else 1
+
+
+def cmd_chaos_table(args: argparse.Namespace) -> int:
+    from ttg.chaos import table
+
+    paths = args.summaries or sorted(args.runs_dir.glob("*/summary.json"))
+    summaries = []
+    for path in paths:
+        if path.parent.is_symlink():
+            continue
+        try:
+            summaries.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+    print(table(summaries))
+    return 0 if all(s["ok"] for s in summaries if s.get("faults")) else 1
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -216,8 +300,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = job_spec(args, run_id)
     faults = json.loads(args.faults.read_text()) if args.faults else None
     backend = connect(args)
+    if args.metrics_port:
+        from ttg import metrics
+
+        metrics.serve_controller(args.metrics_port, args.metrics_addr)
     summary = run_sweep(backend, spec, args.platform, args.runs_dir, timeout_s=args.timeout,
                         stall_s=args.stall_timeout, faults=faults)
+    if args.report:
+        from ttg.report import try_report
+
+        try_report(args.runs_dir / run_id)
     if not args.json:
         print(human(summary))
     print(json.dumps(summary))
@@ -232,7 +324,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     spec = backend.load_spec(run_id)
     if spec is None:
         raise ConfigError(f"run {run_id} has not been submitted")
-    reporter = Reporter(spec.params, spec.chunk_size, stream=sys.stdout, live=args.watch)
+    reporter = Reporter(spec.params, spec.chunk_size, stream=None if args.watch else sys.stdout,
+                        live=None if args.watch else False)
     while True:
         p = backend.progress(run_id)
         if args.json and not args.watch:
@@ -254,7 +347,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
     spec = backend.load_spec(run_id)
     if spec is None:
         raise ConfigError(f"run {run_id} has not been submitted")
-    reporter = Reporter(spec.params, spec.chunk_size)
+    if args.metrics_port:
+        from ttg import metrics
+
+        metrics.serve_controller(args.metrics_port, args.metrics_addr)
+    reporter = Reporter(spec.params, spec.chunk_size, run_id=run_id)
     p = wait(backend, run_id, reporter, timeout_s=args.timeout)
     reporter.close(p)
     return 0 if p.finished and p.dead == 0 else 1
@@ -332,8 +429,21 @@ def main(argv: list[str] | None = None) -> int:
             missing = connect(args).reconcile(need_run_id(args))
             print(f"re-enqueued {len(missing)} chunk(s): {missing[:50]}")
             return 0
-        handler = {"work": cmd_work, "sweep": cmd_sweep, "status": cmd_status,
-                   "wait": cmd_wait, "aggregate": cmd_aggregate, "dlq": cmd_dlq}[args.cmd]
+        if args.cmd == "report":
+            from ttg.report import report_cli
+
+            return report_cli(args.run_dir, args.runs_dir)
+        if args.cmd == "chaos-env":
+            from ttg.chaos import FAULTS, worker_env_for
+
+            if args.fault not in FAULTS:
+                raise ConfigError(f"unknown fault {args.fault!r}: valid faults are "
+                                  f"{', '.join(FAULTS)}")
+            print(json.dumps(worker_env_for(args.fault, args.chunk_size, args.min_idle_ms)))
+            return 0
+        handler = {"chaos": cmd_chaos, "chaos-table": cmd_chaos_table, "work": cmd_work,
+                   "sweep": cmd_sweep, "status": cmd_status, "wait": cmd_wait,
+                   "aggregate": cmd_aggregate, "dlq": cmd_dlq}[args.cmd]
         return handler(args)
     except TTGError as exc:
         print(f"ttg: error: {exc}", file=sys.stderr)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ttg.backends.base import Backend, Progress
@@ -78,6 +80,29 @@ def aggregate(backend: Backend, run_id: str, chunks_log: Path | None = None) -> 
     return agg
 
 
+def write_events(backend: Backend, run_id: str, path: Path) -> int:
+    """The run's rare events (reclaims, retries, dead letters) as JSON lines."""
+    events = backend.events(run_id)
+    with path.open("w") as out:
+        for e in events:
+            out.write(json.dumps(e, separators=(",", ":")) + "\n")
+    return len(events)
+
+
+def expected_result(spec: JobSpec, expect_dead: list[int]) -> tuple[int, float | None]:
+    """The count and (for the reference formula, or faults built on it) the exact sum of the
+    chunks that should be done: all but the ones expected to be dead-lettered."""
+    count, total = spec.params, None
+    if spec.task in ("reference", "poison", "crash", "slow"):
+        total = reference_expected_sum(spec.params)
+    for chunk in expect_dead:
+        start, end = spec.bounds(chunk)
+        count -= end - start
+        if total is not None:
+            total -= reference_expected_sum(end) - reference_expected_sum(start)
+    return count, None if total is None else round(total, 6)
+
+
 def build_summary(
     spec: JobSpec,
     backend_name: str,
@@ -87,15 +112,19 @@ def build_summary(
     dead: list[int],
     wall_s: float,
     faults: list[dict] | None = None,
+    expect_dead: list[int] | None = None,
 ) -> dict:
+    """The run summary of DESIGN.md. `ok` means: nothing missing, the exact expected result,
+    and exactly the expected dead letters (none, except in a poison experiment)."""
+    expect_dead = sorted(expect_dead or [])
     done = agg.seen
     missing = spec.chunks_total - len(done | set(dead))
     result = agg.result()
-    expected = reference_expected_sum(spec.params) if spec.task == "reference" else None
+    count, expected = expected_result(spec, expect_dead)
     ok = (
         missing == 0
-        and not dead
-        and result["count"] == spec.params
+        and dead == expect_dead
+        and result["count"] == count
         and (expected is None or result["sum"] == expected)
     )
     summary = {
@@ -120,8 +149,10 @@ def build_summary(
     }
     if expected is not None:
         summary["expected_sum"] = expected
-    if dead:
+    if dead or expect_dead:
         summary["dead_lettered"] = dead
+    if expect_dead:
+        summary["expected_dead_lettered"] = expect_dead
     return summary
 
 
@@ -174,18 +205,31 @@ def run_sweep(
     stall_s: float = 60.0,
     faults: list[dict] | None = None,
     reporter: Reporter | None = None,
+    during: Callable[[], list[dict]] | None = None,
+    expect_dead: list[int] | None = None,
 ) -> dict:
-    """Submit, wait, aggregate; write runs/<id>/summary.json and runs/latest; return it."""
+    """Submit, wait, aggregate; write runs/<id>/summary.json and runs/latest; return it.
+
+    `during` (chaos) runs in a thread from the submission on; the fault records it returns
+    go into the summary's `faults`.
+    """
     t0 = time.time()
     if not backend.submit(spec):
         log.info("run %s was already submitted: waiting for it", spec.run_id)
         t0 = getattr(backend, "submitted_at", lambda _r: None)(spec.run_id) or t0
-    reporter = reporter or Reporter(spec.params, spec.chunk_size)
+    injected: list[dict] = []
+    thread = None
+    if during is not None:
+        thread = threading.Thread(target=lambda: injected.extend(during()), name="chaos")
+        thread.start()
+    reporter = reporter or Reporter(spec.params, spec.chunk_size,
+                                    record_dir=runs_dir / spec.run_id, run_id=spec.run_id)
     while True:
         progress = wait(backend, spec.run_id, reporter, timeout_s=timeout_s, stall_s=stall_s)
         run_dir = runs_dir / spec.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         agg = aggregate(backend, spec.run_id, run_dir / "chunks.jsonl")
+        write_events(backend, spec.run_id, run_dir / "events.jsonl")
         dead = sorted({d.chunk for d in backend.dead_letters(spec.run_id)} - agg.seen)
         if len(agg.seen) + len(dead) >= spec.chunks_total or not progress.finished:
             break
@@ -193,6 +237,9 @@ def run_sweep(
         backend.reconcile(spec.run_id)
     wall_s = time.time() - t0
     reporter.close(progress)
-    summary = build_summary(spec, backend.name, platform, agg, progress, dead, wall_s, faults)
+    if thread is not None:
+        thread.join()
+    summary = build_summary(spec, backend.name, platform, agg, progress, dead, wall_s,
+                            [*(faults or []), *injected], expect_dead)
     write_summary(runs_dir, summary)
     return summary

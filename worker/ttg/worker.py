@@ -21,6 +21,7 @@ from ttg.backends.base import Backend, Delivery
 from ttg.tasks import load_task, run_chunk
 
 log = logging.getLogger("ttg.worker")
+EXIT_UNFINISHED = 75  # EX_TEMPFAIL: a static worker stopped before its range was done
 
 
 class Worker:
@@ -40,6 +41,7 @@ class Worker:
         self.exit_when_done = exit_when_done
         self.poll_s = poll_s
         self.stopping = False
+        backend.stop_requested = lambda: self.stopping
         self.chunks_done = 0
         # Test hook for chaos: die right after the result write, before anything else.
         self._kill_after_write = os.environ.get("TTG_TEST_KILL_AFTER_WRITE") == "1"
@@ -64,6 +66,7 @@ class Worker:
         try:
             while not self.stopping:
                 d = self.backend.next_delivery(self.poll_s)
+                metrics.HEARTBEAT.set_to_current_time()
                 if d is None:
                     if self.exit_when_done and self.backend.finished_for_me():
                         log.info("run complete: exiting (%d chunks done here)", self.chunks_done)
@@ -73,13 +76,21 @@ class Worker:
                     self.backend.release(d)
                     break
                 self._execute(d, task, spec.work_ms)
+            unfinished = (self.stopping and not self.backend.hands_back_work
+                          and not self.backend.finished_for_me())
         finally:
             self.backend.release_prefetched()
             self.backend.close()
+        if unfinished:
+            log.warning("stopped with my range unfinished: exit %d so I am restarted",
+                        EXIT_UNFINISHED)
+            return EXIT_UNFINISHED
         return 0
 
     def _execute(self, d: Delivery, task: object, work_ms: float) -> None:
         extra = {"chunk": d.chunk, "attempt": d.attempt}
+        if d.reclaimed:
+            metrics.RECLAIMS.inc()
         metrics.IN_FLIGHT.inc()
         t0 = time.time()
         try:
@@ -89,6 +100,7 @@ class Worker:
             error = f"{exc.__class__.__name__}: {exc}"
             outcome = self.backend.fail(d, error, task_s)
             metrics.CHUNKS_FAILED.labels(outcome).inc()
+            (metrics.CHUNKS_DEAD if outcome == "dead" else metrics.CHUNKS_RETRIED).inc()
             log.warning("task failed (%s): %s", outcome, error, extra=extra)
             log.debug("%s", traceback.format_exc(), extra=extra)
             return
@@ -103,6 +115,4 @@ class Worker:
         self.chunks_done += 1
         metrics.CHUNKS_DONE.inc()
         metrics.CHUNK_SECONDS.observe(t1 - t0)
-        if d.reclaimed:
-            metrics.RECLAIMS.inc()
         log.debug("chunk done%s", "" if new else " (duplicate: first write kept)", extra=extra)

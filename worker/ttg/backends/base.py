@@ -8,7 +8,7 @@ whole CLI, the summary and the shared test-suite.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,9 +93,15 @@ class Backend(abc.ABC):
     """One broker connection's worth of operations for one process."""
 
     name: str = "?"
+    # Queue backends hand unfinished work back to the queue; a static worker owns its range,
+    # so stopping it early must look like a failure to its supervisor (exit 75: restart me).
+    hands_back_work: bool = True
 
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
+        # Set by the worker: while it is stopping, broker retries give up at once (the
+        # chunk in hand is then simply reclaimed later) instead of holding the exit.
+        self.stop_requested: Callable[[], bool] = lambda: False
 
     # ---- both sides -------------------------------------------------------------------
     @abc.abstractmethod
@@ -127,6 +133,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def dead_letters(self, run_id: str) -> list[DeadLetter]:
         """The run's dead-lettered chunks with their last error."""
+
+    def events(self, run_id: str) -> list[dict]:
+        """Rare events of the run (reclaimed, retried, dead_lettered, reconciled...), each a
+        dict with `ts` and `kind`, oldest first. Completions are in `results()` instead."""
+        return []
+
+    def held_by(self, run_id: str, worker: str) -> list[int]:
+        """Chunks the worker holds now (for chaos: what a kill puts at risk); [] if unknown."""
+        return []
 
     @abc.abstractmethod
     def reconcile(self, run_id: str) -> list[int]:

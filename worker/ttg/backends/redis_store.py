@@ -10,6 +10,8 @@ Key layout for a run (one hash tag per run, so a run lives on one cluster slot):
     ttg:{RUN}:workers   hash    worker id -> last heartbeat (epoch seconds)
     ttg:{RUN}:go        list    start tokens for static workers
     ttg:{RUN}:attempts  hash    chunk -> executions started (static: poison detection)
+    ttg:{RUN}:events    stream  rare events (reclaimed, retried, dead_lettered, reconciled),
+                                capped; completions are in `results`
 
 Results and acks are written by one Lua script, so a chunk is never acked without its result
 nor stored twice.
@@ -47,11 +49,15 @@ end
 return new
 """
 
-# KEYS: dlq, tasks, stats   ARGV: group, entry id ('' = none), chunk, reason, attempts,
-#                                 worker, at, raw, task_s
+EVENTS_MAXLEN = 100000
+
+# KEYS: dlq, tasks, stats, events   ARGV: group, entry id ('' = none), chunk, reason, attempts,
+#                                         worker, at, raw, task_s
 DEAD_LUA = """
 redis.call('XADD', KEYS[1], '*', 'chunk', ARGV[3], 'reason', ARGV[4], 'attempts', ARGV[5],
            'worker', ARGV[6], 'at', ARGV[7], 'raw', ARGV[8])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 'ts', ARGV[7],
+           'kind', 'dead_lettered', 'chunk', ARGV[3], 'worker', ARGV[6], 'reason', ARGV[4])
 redis.call('HINCRBY', KEYS[3], 'dead_lettered', 1)
 if tonumber(ARGV[9]) > 0 then
   redis.call('HINCRBY', KEYS[3], 'executions', 1)
@@ -84,6 +90,7 @@ class Keys:
         self.workers = prefix + "workers"
         self.go = prefix + "go"
         self.attempts = prefix + "attempts"
+        self.events = prefix + "events"
 
 
 def _is_auth_error(exc: Exception) -> bool:
@@ -137,7 +144,7 @@ class RedisStore(Backend):
                     raise BrokerAuthError(
                         f"redis at {_redacted(self.config.url)} refused the password"
                     ) from exc
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline or self.stop_requested():
                     raise BrokerUnavailable(
                         f"redis at {_redacted(self.config.url)} unreachable after "
                         f"{budget:.0f}s: {exc}"
@@ -210,13 +217,23 @@ class RedisStore(Backend):
             )
         return sorted(out.values(), key=lambda d: d.chunk)
 
-    def _stats(self, k: Keys) -> dict[str, float]:
-        raw = self.r.hgetall(k.stats)
-        return {key: float(value) for key, value in raw.items()}
+    def event(self, kind: str, **fields: object) -> None:
+        """Record a rare event (never per completed chunk: those are the results)."""
+        if self.keys is None:
+            return
+        data = {"ts": f"{time.time():.6f}", "kind": kind, "worker": self.worker_id,
+                **{k: str(v) for k, v in fields.items()}}
+        self.retrying(lambda: self.r.xadd(self.keys.events, data, maxlen=EVENTS_MAXLEN,
+                                          approximate=True))
 
-    def _workers_alive(self, k: Keys, now: float, horizon_s: float) -> int:
-        beats = self.r.hvals(k.workers)
-        return sum(1 for b in beats if now - float(b) <= horizon_s)
+    def events(self, run_id: str) -> list[dict]:
+        out = []
+        for _id, f in self.r.xrange(Keys(run_id).events):
+            f["ts"] = float(f["ts"])
+            if "chunk" in f and f["chunk"].lstrip("-").isdigit():
+                f["chunk"] = int(f["chunk"])
+            out.append(f)
+        return out
 
     def base_progress(self, run_id: str, spec: JobSpec) -> Progress:
         k = Keys(run_id)
@@ -257,7 +274,7 @@ class RedisStore(Backend):
         k = self.keys
         self.retrying(
             lambda: self._dead(
-                keys=[k.dlq, k.tasks, k.stats],
+                keys=[k.dlq, k.tasks, k.stats, k.events],
                 args=[GROUP, entry_id, chunk, reason[:2000], attempts, self.worker_id,
                       f"{time.time():.3f}", raw[:2000], f"{task_s:.6f}"],
             )

@@ -18,7 +18,6 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Iterator
 
 import redis.exceptions as rex
 
@@ -44,8 +43,11 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return n
 """
 
-# KEYS: tasks, stats   ARGV: group, old id, chunk, start, end, attempt, error, task_s
+# KEYS: tasks, stats, events   ARGV: group, old id, chunk, start, end, attempt, error, task_s,
+#                                 worker, now
 RETRY_LUA = """
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'ts', ARGV[10], 'kind', 'retried',
+           'chunk', ARGV[3], 'attempt', ARGV[6], 'worker', ARGV[9], 'error', ARGV[7])
 redis.call('XADD', KEYS[1], '*', 'c', ARGV[3], 's', ARGV[4], 'e', ARGV[5], 'a', ARGV[6],
            'err', ARGV[7])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -173,6 +175,9 @@ class RedisStreamsBackend(RedisStore):
             pipe.execute()
         if missing:
             self.r.hincrby(k.stats, "reconciled", len(missing))
+            self.r.xadd(k.events, {"ts": f"{time.time():.6f}", "kind": "reconciled",
+                                   "chunks": ",".join(map(str, missing[:1000]))},
+                        maxlen=100000, approximate=True)
             log.warning("reconcile re-enqueued %d chunk(s): %s", len(missing), missing[:20])
         return missing
 
@@ -270,6 +275,7 @@ class RedisStreamsBackend(RedisStore):
                 self.dead_letter(d.chunk, reason, d.attempt + lost, entry_id=d.token)
                 return None
             self.r.hincrby(self.keys.stats, "reclaimed", 1)
+            self.event("reclaimed", chunk=d.chunk, attempt=d.attempt, delivery=lost + 1)
             log.info("reclaimed chunk (delivery %d)", lost + 1,
                      extra={"chunk": d.chunk, "attempt": d.attempt})
         with self._lock:
@@ -353,9 +359,9 @@ class RedisStreamsBackend(RedisStore):
             self.dead_letter(d.chunk, error, d.attempt, entry_id=d.token, task_s=task_s)
             return "dead"
         self.retrying(lambda: self._retry(
-            keys=[k.tasks, k.stats],
+            keys=[k.tasks, k.stats, k.events],
             args=[GROUP, d.token, d.chunk, d.start, d.end, d.attempt + 1, error[:2000],
-                  f"{task_s:.6f}"]))
+                  f"{task_s:.6f}", self.worker_id, f"{time.time():.6f}"]))
         return "retried"
 
     def release(self, delivery: Delivery) -> None:
@@ -386,7 +392,11 @@ class RedisStreamsBackend(RedisStore):
             self._renewer.join(timeout=2)
         super().close()
 
-    def iter_pending_ids(self) -> Iterator[str]:  # for tests and `ttg status`
-        assert self.keys is not None
-        for item in self.r.xpending_range(self.keys.tasks, GROUP, "-", "+", 10000):
-            yield item["message_id"]
+    def held_by(self, run_id: str, worker: str) -> list[int]:
+        k = Keys(run_id)
+        held = []
+        for item in self.r.xpending_range(k.tasks, GROUP, "-", "+", 1000, consumername=worker):
+            entry = self.r.xrange(k.tasks, item["message_id"], item["message_id"])
+            if entry and "c" in entry[0][1]:
+                held.append(int(entry[0][1]["c"]))
+        return held

@@ -25,6 +25,7 @@ log = logging.getLogger("ttg.static")
 
 class StaticBackend(RedisStore):
     name = "static"
+    hands_back_work = False
 
     def __init__(self, config: BrokerConfig) -> None:
         super().__init__(config)
@@ -53,6 +54,16 @@ class StaticBackend(RedisStore):
         p.in_flight = min(p.workers_alive, spec.chunks_total - p.done - p.dead)
         p.queued = max(spec.chunks_total - p.done - p.dead - p.in_flight, 0)
         return p
+
+    def held_by(self, run_id: str, worker: str) -> list[int]:
+        """The first unfinished chunk of the worker's range (`worker-<index>` names)."""
+        spec = self.load_spec(run_id)
+        index = worker.rpartition("-")[2]
+        if spec is None or not index.isdigit() or int(index) >= spec.workers:
+            return []
+        mine = list(static_range(int(index), spec.workers, spec.chunks_total))
+        flags = self.r.hmget(Keys(run_id).results, [str(c) for c in mine]) if mine else []
+        return [c for c, f in zip(mine, flags, strict=True) if f is None][:1]
 
     def reconcile(self, run_id: str) -> list[int]:
         """Nothing to re-enqueue: each range belongs to its worker index."""
@@ -111,6 +122,8 @@ class StaticBackend(RedisStore):
             self.dead_letter(chunk, f"delivery limit: the chunk lost its worker {lost} time(s)",
                              started)
             return self.next_delivery(timeout_s)
+        if lost > 0:
+            self.event("reclaimed", chunk=chunk, attempt=attempt, delivery=started)
         return Delivery(self.spec.run_id, chunk, start, end, attempt, reclaimed=lost > 0)
 
     def complete(self, delivery: Delivery, partial: Partial, meta: dict) -> bool:
