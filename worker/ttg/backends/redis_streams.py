@@ -21,6 +21,7 @@ import time
 
 import redis.exceptions as rex
 
+from ttg import metrics
 from ttg.backends.base import BrokerConfig, Delivery, Progress
 from ttg.backends.redis_store import GROUP, Keys, RedisStore
 from ttg.errors import ConfigError
@@ -254,6 +255,7 @@ class RedisStreamsBackend(RedisStore):
             log.error("dead-lettering entry %s: %s", entry_id, reason)
             chunk = int(fields["c"]) if str(fields.get("c", "")).isdigit() else -1
             self.dead_letter(chunk, reason, 0, entry_id=entry_id, raw=repr(fields))
+            metrics.CHUNKS_DEAD.inc()
             return None
         return Delivery(self.spec.run_id, chunk, start, end, attempt, token=entry_id,
                         reclaimed=reclaimed, last_error=fields.get("err"))
@@ -273,6 +275,7 @@ class RedisStreamsBackend(RedisStore):
                     reason += f"; last error: {d.last_error}"
                 log.error("dead-lettering: %s", reason, extra={"chunk": d.chunk})
                 self.dead_letter(d.chunk, reason, d.attempt + lost, entry_id=d.token)
+                metrics.CHUNKS_DEAD.inc()
                 return None
             self.r.hincrby(self.keys.stats, "reclaimed", 1)
             self.event("reclaimed", chunk=d.chunk, attempt=d.attempt, delivery=lost + 1)
