@@ -158,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--broker-program", default=None, help="default: ttg-<backend's broker>")
     c.add_argument("--json", action="store_true")
 
+    bn = sub.add_parser("bench", help="measure the backends against the performance targets")
+    bn.add_argument("--backends", default="redis,rabbitmq,static")
+    bn.add_argument("--redis-url", default=env("TTG_REDIS_URL", DEFAULT_URLS["redis"]))
+    bn.add_argument("--redis-password-file", default=env("TTG_REDIS_PASSWORD_FILE"))
+    bn.add_argument("--rabbitmq-url", default=env("TTG_RABBITMQ_URL", DEFAULT_URLS["rabbitmq"]))
+    bn.add_argument("--rabbitmq-password-file", default=env("TTG_RABBITMQ_PASSWORD_FILE"))
+    bn.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")))
+    bn.add_argument("--quick", action="store_true", help="a tenth of the sizes (a smoke run)")
+    bn.add_argument("--log-level", default="WARNING")
+
     ce = sub.add_parser("chaos-env", parents=[common, job],
                         help="print (JSON) the worker environment a fault needs")
     ce.add_argument("--fault", required=True)
@@ -206,7 +216,8 @@ def broker_config(args: argparse.Namespace) -> BrokerConfig:
             password = Path(args.broker_password_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the broker password file: {exc}") from exc
-    prefetch = args.prefetch or (1 if args.backend != "rabbitmq" else 4)
+    # 0 = the backend's default: Redis sizes its lease batches to ~20 ms of work (auto)
+    prefetch = args.prefetch or (4 if args.backend == "rabbitmq" else 0)
     if prefetch < 0 or args.min_idle_ms <= 0:
         raise ConfigError("--prefetch must be >= 0 and --min-idle-ms > 0")
     return BrokerConfig(
@@ -441,6 +452,17 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{', '.join(FAULTS)}")
             print(json.dumps(worker_env_for(args.fault, args.chunk_size, args.min_idle_ms)))
             return 0
+        if args.cmd == "bench":
+            from ttg import bench
+
+            names = [b.strip() for b in args.backends.split(",") if b.strip()]
+            unknown = [b for b in names if b not in BACKENDS]
+            if unknown:
+                raise ConfigError(f"unknown backend(s) {unknown}: valid are {', '.join(BACKENDS)}")
+            targets = [bench.Target(b, args.rabbitmq_url if b == "rabbitmq" else args.redis_url,
+                                    args.rabbitmq_password_file if b == "rabbitmq"
+                                    else args.redis_password_file) for b in names]
+            return bench.main(targets, args.runs_dir, quick=args.quick)
         handler = {"chaos": cmd_chaos, "chaos-table": cmd_chaos_table, "work": cmd_work,
                    "sweep": cmd_sweep, "status": cmd_status, "wait": cmd_wait,
                    "aggregate": cmd_aggregate, "dlq": cmd_dlq}[args.cmd]

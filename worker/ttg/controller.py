@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -217,6 +218,7 @@ def run_sweep(
     if not backend.submit(spec):
         log.info("run %s was already submitted: waiting for it", spec.run_id)
         t0 = getattr(backend, "submitted_at", lambda _r: None)(spec.run_id) or t0
+    submit_s = time.time() - t0
     injected: list[dict] = []
     thread = None
     if during is not None:
@@ -241,5 +243,8 @@ def run_sweep(
         thread.join()
     summary = build_summary(spec, backend.name, platform, agg, progress, dead, wall_s,
                             [*(faults or []), *injected], expect_dead)
+    summary["submit_s"] = round(submit_s, 3)
+    summary["controller_max_rss_mb"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_summary(runs_dir, summary)
     return summary

@@ -111,6 +111,7 @@ class Worker:
                 "task_s": round(t1 - t0, 6), "attempt": d.attempt}
         new = self.backend.complete(d, partial, meta)
         if self._kill_after_write:
+            self.backend.flush()
             os._exit(137)
         self.chunks_done += 1
         metrics.CHUNKS_DONE.inc()

@@ -173,6 +173,9 @@ class Backend(abc.ABC):
     def release(self, delivery: Delivery) -> None:
         """Hand an unstarted chunk back (graceful stop)."""
 
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Write any result a backend batches (results+acks are sent in batches by Redis)."""
+
     def release_prefetched(self) -> None:  # noqa: B027 - optional hook
         """Hand back every prefetched, unstarted chunk (graceful stop)."""
 

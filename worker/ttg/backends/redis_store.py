@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 import redis.exceptions as rex
@@ -70,6 +70,24 @@ end
 return 1
 """
 
+
+# The same, for a batch of chunks in one call (fewer round trips and less client work):
+# KEYS: results, stats, tasks   ARGV: group, then (chunk, result, task_s, entry id) repeated
+COMPLETE_BATCH_LUA = """
+local won, dup, task_s = {}, 0, 0
+for i = 2, #ARGV, 4 do
+  local new = redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+  task_s = task_s + tonumber(ARGV[i + 2])
+  if new == 0 then dup = dup + 1 end
+  redis.call('XACK', KEYS[3], ARGV[1], ARGV[i + 3])
+  redis.call('XDEL', KEYS[3], ARGV[i + 3])
+  won[#won + 1] = new
+end
+redis.call('HINCRBY', KEYS[2], 'executions', #won)
+redis.call('HINCRBYFLOAT', KEYS[2], 'task_s', tostring(task_s))
+if dup > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', dup) end
+return won
+"""
 
 # KEYS: meta   ARGV: field, value, field, value...   -> 1 created, 0 existed
 CREATE_META_LUA = """
@@ -123,6 +141,7 @@ class RedisStore(Backend):
         self._complete = self.r.register_script(COMPLETE_LUA)
         self._dead = self.r.register_script(DEAD_LUA)
         self._create = self.r.register_script(CREATE_META_LUA)
+        self._complete_batch = self.r.register_script(COMPLETE_BATCH_LUA)
         self.worker_id = "controller"
         self.keys: Keys | None = None
         self.spec: JobSpec | None = None
@@ -158,6 +177,16 @@ class RedisStore(Backend):
                         f"redis at {_redacted(self.config.url)} needs a valid password: {exc}"
                     ) from exc
                 raise
+
+    def batch(self, build: Callable[[Any], None], transaction: bool = False) -> list:
+        """Run the commands `build(pipe)` queues in one round trip, retried as a whole on a
+        connection error (a pipeline is rebuilt for each try: a failed one is emptied)."""
+        def run() -> list:
+            pipe = self.r.pipeline(transaction=transaction)
+            build(pipe)
+            return pipe.execute()
+
+        return self.retrying(run)
 
     def close(self) -> None:
         if self.keys is not None and self.worker_id != "controller":
@@ -237,12 +266,8 @@ class RedisStore(Backend):
 
     def base_progress(self, run_id: str, spec: JobSpec) -> Progress:
         k = Keys(run_id)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hlen(k.results)
-        pipe.xlen(k.dlq)
-        pipe.hgetall(k.stats)
-        pipe.hvals(k.workers)
-        done, dead, stats, beats = self.retrying(pipe.execute)
+        done, dead, stats, beats = self.batch(lambda p: (
+            p.hlen(k.results), p.xlen(k.dlq), p.hgetall(k.stats), p.hvals(k.workers)))
         now = time.time()
         horizon = 3 * max(self.config.min_idle_ms / 3000.0, 0.5)
         return Progress(

@@ -18,6 +18,7 @@ import collections
 import logging
 import threading
 import time
+from typing import Any
 
 import redis.exceptions as rex
 
@@ -86,6 +87,9 @@ class RedisStreamsBackend(RedisStore):
         self._cursor = "0-0"
         self._last_reclaim = 0.0
         self._own_pel_checked = False
+        self._ewma_task_s: float | None = None
+        self._pending: list[tuple[Delivery, str, float]] = []
+        self._pending_since = 0.0
 
     @property
     def renew_interval_s(self) -> float:
@@ -101,14 +105,22 @@ class RedisStreamsBackend(RedisStore):
                 self.r.hset(k.meta, "enqueued", spec.chunks_total)
             return False
         self._ensure_group(k)
-        for first in range(0, spec.chunks_total, SUBMIT_BATCH):
-            pipe = self.r.pipeline(transaction=False)
-            for chunk in range(first, min(first + SUBMIT_BATCH, spec.chunks_total)):
-                s, e = spec.bounds(chunk)
-                pipe.xadd(k.tasks, {"c": chunk, "s": s, "e": e, "a": 1})
-            self.retrying(pipe.execute)
+        self._enqueue(spec, range(spec.chunks_total))
         self.r.hset(k.meta, "enqueued", spec.chunks_total)
         return True
+
+    def _enqueue(self, spec: JobSpec, chunks: range | list[int]) -> None:
+        """XADD chunk messages, SUBMIT_BATCH per round trip."""
+        k = Keys(spec.run_id)
+
+        def add(pipe: Any, part: range | list[int]) -> None:
+            for chunk in part:
+                s, e = spec.bounds(chunk)
+                pipe.xadd(k.tasks, {"c": chunk, "s": s, "e": e, "a": 1})
+
+        for first in range(0, len(chunks), SUBMIT_BATCH):
+            part = chunks[first:first + SUBMIT_BATCH]
+            self.batch(lambda pipe, part=part: add(pipe, part))
 
     def _ensure_group(self, k: Keys) -> None:
         try:
@@ -145,11 +157,8 @@ class RedisStreamsBackend(RedisStore):
             raise ConfigError(f"run {run_id} has not been submitted")
         p = self.base_progress(run_id, spec)
         k = Keys(run_id)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.xlen(k.tasks)
-        pipe.xpending(k.tasks, GROUP)
         try:
-            length, pending = self.retrying(pipe.execute)
+            length, pending = self.batch(lambda p: (p.xlen(k.tasks), p.xpending(k.tasks, GROUP)))
             p.in_flight = pending["pending"]
             p.queued = max(length - p.in_flight, 0)
         except rex.ResponseError:  # no group yet
@@ -168,12 +177,7 @@ class RedisStreamsBackend(RedisStore):
         done = {int(c) for c in self.r.hkeys(k.results)}
         dead = {d.chunk for d in self.dead_letters(run_id)}
         missing = sorted(set(range(spec.chunks_total)) - present - done - dead)
-        for first in range(0, len(missing), SUBMIT_BATCH):
-            pipe = self.r.pipeline(transaction=False)
-            for chunk in missing[first:first + SUBMIT_BATCH]:
-                s, e = spec.bounds(chunk)
-                pipe.xadd(k.tasks, {"c": chunk, "s": s, "e": e, "a": 1})
-            pipe.execute()
+        self._enqueue(spec, missing)
         if missing:
             self.r.hincrby(k.stats, "reconciled", len(missing))
             self.r.xadd(k.events, {"ts": f"{time.time():.6f}", "kind": "reconciled",
@@ -196,10 +200,9 @@ class RedisStreamsBackend(RedisStore):
                 continue  # a malformed message stays where it is: there is nothing to replay
             if chunks is not None and chunk not in chunks:
                 continue
-            pipe = self.r.pipeline(transaction=True)
-            pipe.xadd(k.tasks, {"c": chunk, "s": s, "e": e, "a": 1})
-            pipe.xdel(k.dlq, entry_id)
-            pipe.execute()
+            self.batch(lambda p, c=chunk, s=s, e=e, i=entry_id: (
+                p.xadd(k.tasks, {"c": c, "s": s, "e": e, "a": 1}), p.xdel(k.dlq, i)),
+                transaction=True)
             replayed.append(chunk)
         return sorted(set(replayed))
 
@@ -274,6 +277,7 @@ class RedisStreamsBackend(RedisStore):
                 if d.last_error:
                     reason += f"; last error: {d.last_error}"
                 log.error("dead-lettering: %s", reason, extra={"chunk": d.chunk})
+                self._drop(d)
                 self.dead_letter(d.chunk, reason, d.attempt + lost, entry_id=d.token)
                 metrics.CHUNKS_DEAD.inc()
                 return None
@@ -281,27 +285,30 @@ class RedisStreamsBackend(RedisStore):
             self.event("reclaimed", chunk=d.chunk, attempt=d.attempt, delivery=lost + 1)
             log.info("reclaimed chunk (delivery %d)", lost + 1,
                      extra={"chunk": d.chunk, "attempt": d.attempt})
-        with self._lock:
-            self._in_hand[d.token] = d
         return d
 
     def _fill(self, timeout_s: float) -> None:
         assert self.keys is not None
         k = self.keys
-        count = max(self.config.prefetch, 1)
+        count = self.batch_size()
+        # Chunks taken over from a dead worker (or from this worker's previous life) come one
+        # at a time: each such take counts as a delivery, and a chunk that never ran must
+        # not reach the delivery limit because a poisoned neighbour of its batch kept
+        # killing its workers.
         if not self._own_pel_checked:  # a restarted worker takes back what it held
-            self._own_pel_checked = True
             got = self.retrying(lambda: self.r.xreadgroup(GROUP, self.worker_id,
-                                                          {k.tasks: "0"}, count=1000))
-            for _s, entries in got or []:
-                for entry_id, fields in entries:
-                    self._push(entry_id, fields, reclaimed=True)
+                                                          {k.tasks: "0"}, count=1))
+            entries = [e for _s, es in got or [] for e in es]
+            for entry_id, fields in entries:
+                self._push(entry_id, fields, reclaimed=True)
+            if not entries:
+                self._own_pel_checked = True
             if self._buffer:
                 return
         now = time.monotonic()
         if now - self._last_reclaim >= self.renew_interval_s:
             self._last_reclaim = now
-            self._reclaim(count)
+            self._reclaim(1)
             if self._buffer:  # found a dead worker's chunk: look again right after this one
                 self._last_reclaim = 0.0
                 return
@@ -315,7 +322,19 @@ class RedisStreamsBackend(RedisStore):
     def _push(self, entry_id: str, fields: dict | None, reclaimed: bool) -> None:
         d = self._parse(entry_id, fields, reclaimed)
         if d is not None:
+            with self._lock:  # renewed from now on, even before it starts
+                self._in_hand[d.token] = d
             self._buffer.append(d)
+
+    def batch_size(self) -> int:
+        """Chunks per lease round trip: the configured prefetch, or (prefetch 0 = auto) as
+        many as take about 20 ms of work, 1 to 32. Short chunks then share round trips;
+        chunks of 20 ms and more are leased one by one, so a kill never strands a queue."""
+        if self.config.prefetch > 0:
+            return self.config.prefetch
+        if self._ewma_task_s is None:
+            return 1
+        return max(1, min(32, int(0.02 / max(self._ewma_task_s, 1e-5))))
 
     def _reclaim(self, count: int) -> None:
         """XAUTOCLAIM over the whole pending list, resuming the cursor between calls."""
@@ -338,6 +357,7 @@ class RedisStreamsBackend(RedisStore):
                 d = self._admit(self._buffer.popleft())
                 if d is not None:
                     return d
+            self.flush()  # results waiting in a batch are written before we wait for more
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -348,15 +368,43 @@ class RedisStreamsBackend(RedisStore):
             self._in_hand.pop(d.token, None)
 
     def complete(self, delivery: Delivery, partial: Partial, meta: dict) -> bool:
-        new = self.store_result(delivery.chunk, encode_result(partial, **meta),
-                                float(meta.get("task_s", 0.0)), entry_id=delivery.token)
-        self._drop(delivery)
-        return new
+        """Queue the result+ack script; it is sent with the batch's others in one round trip
+        when the batch is full, when the lease buffer is empty, or after 20 ms. Each script
+        stays atomic (result and ack together); a crash before the flush loses no result,
+        only the work (the chunks are still pending and are reclaimed)."""
+        task_s = float(meta.get("task_s", 0.0))
+        self._ewma_task_s = task_s if self._ewma_task_s is None else (
+            0.8 * self._ewma_task_s + 0.2 * task_s)
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append((delivery, encode_result(partial, **meta), task_s))
+        if (not self._buffer or len(self._pending) >= self.batch_size()
+                or time.monotonic() - self._pending_since > 0.02):
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        assert self.keys is not None
+        k, pending = self.keys, self._pending
+
+        args: list = [GROUP]
+        for d, result, task_s in pending:
+            args += [d.chunk, result, f"{task_s:.6f}", d.token]
+        won = self.retrying(lambda: self._complete_batch(keys=[k.results, k.stats, k.tasks],
+                                                         args=args))
+        for (d, _r, _t), new in zip(pending, won, strict=True):
+            self._drop(d)
+            if not new:
+                log.info("duplicate result ignored: first write kept", extra={"chunk": d.chunk})
+        self._pending = []
 
     def fail(self, delivery: Delivery, error: str, task_s: float = 0.0) -> str:
         assert self.spec is not None and self.keys is not None
         k = self.keys
         d = delivery
+        self.flush()
         self._drop(d)
         if d.attempt >= self.spec.max_attempts:
             self.dead_letter(d.chunk, error, d.attempt, entry_id=d.token, task_s=task_s)
@@ -376,6 +424,7 @@ class RedisStreamsBackend(RedisStore):
 
     def release_prefetched(self) -> None:
         """Hand back prefetched, unstarted chunks (graceful stop)."""
+        self.flush()
         while self._buffer:
             d = self._buffer.popleft()
             self.release(d)
@@ -383,13 +432,14 @@ class RedisStreamsBackend(RedisStore):
     def finished_for_me(self) -> bool:
         assert self.spec is not None and self.keys is not None
         k = self.keys
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hlen(k.results)
-        pipe.xlen(k.dlq)
-        done, dead = self.retrying(pipe.execute)
+        done, dead = self.batch(lambda p: (p.hlen(k.results), p.xlen(k.dlq)))
         return done + dead >= self.spec.chunks_total
 
     def close(self) -> None:
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - the chunks stay pending and are reclaimed
+            log.warning("could not write %d result(s) at exit: %s", len(self._pending), exc)
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=2)

@@ -40,10 +40,8 @@ class StaticBackend(RedisStore):
         created = self._create_meta(spec)
         if not created and self.r.hexists(k.meta, "enqueued"):
             return False
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(k.meta, "enqueued", spec.chunks_total)
-        pipe.rpush(k.go, *(["go"] * spec.workers))
-        self.retrying(pipe.execute)
+        self.batch(lambda p: (p.hset(k.meta, "enqueued", spec.chunks_total),
+                              p.rpush(k.go, *(["go"] * spec.workers))), transaction=True)
         return True
 
     def progress(self, run_id: str) -> Progress:
@@ -137,11 +135,9 @@ class StaticBackend(RedisStore):
             return "dead"
         self._retry_attempt[delivery.chunk] = delivery.attempt + 1
         self._todo.appendleft(delivery.chunk)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hincrby(self.keys.stats, "retried", 1)
-        pipe.hincrby(self.keys.stats, "executions", 1)
-        pipe.hincrbyfloat(self.keys.stats, "task_s", task_s)
-        self.retrying(pipe.execute)
+        stats = self.keys.stats
+        self.batch(lambda p: (p.hincrby(stats, "retried", 1), p.hincrby(stats, "executions", 1),
+                              p.hincrbyfloat(stats, "task_s", task_s)), transaction=True)
         return "retried"
 
     def release(self, delivery: Delivery) -> None:
