@@ -60,6 +60,10 @@ class Worker:
     def run(self) -> int:
         tlog.bind(run_id=self.run_id, worker=self.worker_id)
         spec = self.backend.start_consuming(self.run_id, self.worker_id, self.worker_index)
+        if spec is None:
+            log.info("stopped before the run was submitted")
+            self.backend.close()
+            return 0
         task = load_task(spec.task)
         log.info("joined run: %d chunks of %d, task %s, work_ms %s",
                  spec.chunks_total, spec.chunk_size, spec.task, spec.work_ms)

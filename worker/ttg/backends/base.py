@@ -153,8 +153,10 @@ class Backend(abc.ABC):
 
     # ---- worker -----------------------------------------------------------------------
     @abc.abstractmethod
-    def start_consuming(self, run_id: str, worker_id: str, worker_index: int | None) -> JobSpec:
-        """Join the run as a worker; block until the job exists; return its spec."""
+    def start_consuming(self, run_id: str, worker_id: str,
+                        worker_index: int | None) -> JobSpec | None:
+        """Join the run as a worker; block until the job exists; return its spec (None if
+        `stop_requested()` turned true while waiting)."""
 
     @abc.abstractmethod
     def next_delivery(self, timeout_s: float) -> Delivery | None:

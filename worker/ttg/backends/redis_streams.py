@@ -207,7 +207,8 @@ class RedisStreamsBackend(RedisStore):
         return sorted(set(replayed))
 
     # ---- worker -----------------------------------------------------------------------
-    def start_consuming(self, run_id: str, worker_id: str, worker_index: int | None) -> JobSpec:
+    def start_consuming(self, run_id: str, worker_id: str,
+                        worker_index: int | None) -> JobSpec | None:
         self.keys = k = Keys(run_id)
         self.worker_id = worker_id
         self._ensure_group(k)
@@ -219,6 +220,8 @@ class RedisStreamsBackend(RedisStore):
         early: list = []
         spec = self.load_spec(run_id)
         while spec is None:
+            if self.stop_requested():
+                return None
             got = self.retrying(lambda: self.r.xreadgroup(
                 GROUP, self.worker_id, {k.tasks: ">"}, count=max(self.config.prefetch, 1),
                 block=1000))

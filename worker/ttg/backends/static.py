@@ -71,7 +71,8 @@ class StaticBackend(RedisStore):
         raise ConfigError("the static backend has no queue to replay into; rerun the index")
 
     # ---- worker -----------------------------------------------------------------------
-    def start_consuming(self, run_id: str, worker_id: str, worker_index: int | None) -> JobSpec:
+    def start_consuming(self, run_id: str, worker_id: str,
+                        worker_index: int | None) -> JobSpec | None:
         if worker_index is None:
             raise ConfigError(
                 "the static backend needs a worker index (--worker-index, TTG_WORKER_INDEX "
@@ -84,6 +85,8 @@ class StaticBackend(RedisStore):
         self._beater.start()
         spec = self.load_spec(run_id)
         while spec is None:  # wait for the submission; restarted workers find it at once
+            if self.stop_requested():
+                return None
             self.retrying(lambda: self.r.blpop([k.go], timeout=1))
             spec = self.load_spec(run_id)
         self.spec = spec
