@@ -1,0 +1,286 @@
+"""RabbitMQ-specific behaviour, against real nodes of our own (never the shared 5672).
+
+Workers are real `python -m ttg.cli work` processes; the controller side is a backend object
+in the test process. Retry tiers are shortened through `options["retry_tiers_ms"]` on the
+submitting backend: the tiers are recorded with the job, so workers use them too.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pytest
+from brokers import RabbitNode, free_port
+from conftest import Env, spec, wait_for
+
+from ttg.backends.base import BrokerConfig
+from ttg.backends.rabbitmq import Names, PublishRejected, RabbitMQBackend
+from ttg.controller import aggregate, run_sweep, wait
+from ttg.errors import BrokerAuthError, BrokerUnavailable, JobMismatch
+from ttg.partial import Partial
+from ttg.sweep import reference_expected_sum
+
+FAST_TIERS = {"retry_tiers_ms": [200, 400]}
+
+
+@pytest.fixture
+def rmq(tmp_path: Path) -> Iterator[Env]:
+    from conftest import _env
+
+    yield from _env("rabbitmq", tmp_path)
+
+
+@pytest.fixture
+def own_node(tmp_path: Path) -> Iterator[Env]:
+    """A node of this test's own (it will be restarted)."""
+    node = RabbitNode(tmp_path / "own-rabbit")
+    env = Env("rabbitmq", node, tmp_path)
+    try:
+        yield env
+    finally:
+        env.stop_all()
+        node.stop()
+
+
+def channel(env: Env) -> pika.adapters.blocking_connection.BlockingChannel:
+    params = pika.URLParameters(env.broker.url_with_password)
+    return pika.BlockingConnection(params).channel()
+
+
+def exact(env: Env, run_id: str, params: int) -> dict:
+    agg = aggregate(env.make(), run_id)
+    return {"chunks": len(agg.seen), **agg.result(), "expected": reference_expected_sum(params)}
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[int]:
+    return [p.wait(timeout=timeout) for p in procs]
+
+
+@pytest.mark.timeout(60)
+def test_sweep_exact_and_submit_idempotent(rmq: Env) -> None:
+    ctl = rmq.make()
+    rmq.fleet("r1", 3)  # the fleet starts before the job exists: it blocks on the job
+    time.sleep(0.5)
+    job = spec("r1", params=1000, chunk=50, task="reference", work_ms=1)
+    summary = run_sweep(ctl, job, "local", rmq.tmp / "runs", timeout_s=45)
+    assert summary["ok"], summary
+    assert summary["result"]["sum"] == 500035.5
+    assert summary["chunks_missing"] == 0 and summary["executions"] >= 20
+    assert ctl.submit(job) is False  # same run, same job: nothing new
+    with pytest.raises(JobMismatch):
+        ctl.submit(spec("r1", params=2000, chunk=50))
+    p = ctl.progress("r1")
+    assert (p.done, p.dead, p.queued) == (20, 0, 0)
+    assert exact(rmq, "r1", 1000)["sum"] == 500035.5  # the results read again, same answer
+    assert finish(rmq.procs) == [0, 0, 0]
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_mid_chunk_is_redelivered_and_counted_once(rmq: Env) -> None:
+    ctl = rmq.make()
+    job = spec("kill", params=400, chunk=20, task="slow", work_ms=2)
+    ctl.submit(job)
+    victim = rmq.worker("kill", 0, TTG_SLOW_PARAM="100", TTG_SLOW_S="30")
+    # chunk 5 holds parameter 100: wait until the victim is inside it, then SIGKILL it
+    wait_for(lambda: ctl.progress("kill").done >= 5, timeout=30, what="chunks 0-4 done")
+    time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    rmq.fleet("kill", 2, TTG_SLOW_PARAM="100", TTG_SLOW_S="0")
+    p = wait(ctl, "kill", timeout_s=45, stall_s=10)
+    assert p.finished and p.dead == 0
+    r = exact(rmq, "kill", 400)
+    assert r["chunks"] == 20 and r["count"] == 400 and r["sum"] == r["expected"]
+    assert p.reclaimed >= 1  # chunk 5 (and its prefetched neighbours) came back
+
+
+@pytest.mark.timeout(60)
+def test_kill_between_write_and_ack_counts_once(rmq: Env) -> None:
+    ctl = rmq.make()
+    ctl.submit(spec("wack", params=300, chunk=10, task="reference", work_ms=1))
+    first = rmq.worker("wack", 0, TTG_TEST_KILL_BETWEEN_WRITE_AND_ACK="1")
+    assert first.wait(timeout=30) == 137  # died after its first confirmed result
+    rmq.fleet("wack", 2)
+    p = wait(ctl, "wack", timeout_s=45, stall_s=10)
+    assert p.finished and p.duplicates >= 1  # the result was written twice...
+    r = exact(rmq, "wack", 300)
+    assert r["chunks"] == 30 and r["sum"] == r["expected"]  # ...and counted once
+
+
+@pytest.mark.timeout(90)
+def test_poison_goes_through_the_tiers_to_the_dlq_then_replay(rmq: Env) -> None:
+    ctl = rmq.make(options=FAST_TIERS)
+    ctl.submit(spec("poison", params=200, chunk=10, task="poison", max_attempts=3, work_ms=0))
+    w = rmq.worker("poison", 0, "--exit-when-done", TTG_POISON_PARAM="42")
+    assert w.wait(timeout=40) == 0
+    dead = ctl.dead_letters("poison")
+    assert [d.chunk for d in dead] == [4]
+    assert "ValueError: poisoned parameter 42" in dead[0].reason and dead[0].attempts == 3
+    p = ctl.progress("poison")
+    assert (p.done, p.dead, p.retried) == (19, 1, 2)
+    assert p.executions == 19 + 3  # every failed attempt is an execution
+    out = rmq.ttg("dlq", "list", "--json", run_id="poison")
+    assert out.returncode == 0 and json.loads(out.stdout)[0]["chunk"] == 4
+    out = rmq.ttg("dlq", "replay", run_id="poison")
+    assert out.returncode == 0 and "replayed 1 chunk(s): [4]" in out.stdout
+    assert ctl.dead_letters("poison") == []
+    w = rmq.worker("poison", 1, "--exit-when-done", TTG_POISON_PARAM="100000")
+    assert w.wait(timeout=30) == 0
+    r = exact(rmq, "poison", 200)
+    assert r["chunks"] == 20 and r["sum"] == r["expected"]
+
+
+@pytest.mark.timeout(120)
+def test_crash_every_time_ends_in_dlq_after_the_delivery_limit(rmq: Env) -> None:
+    ctl = rmq.make()
+    ctl.submit(spec("crash", params=200, chunk=10, task="crash", max_attempts=3, work_ms=2))
+    crashes = 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # a supervisor: restart the worker when it dies
+        w = rmq.worker("crash", 0, "--exit-when-done", TTG_CRASH_PARAM="77")
+        code = w.wait(timeout=60)
+        if code == 0:
+            break
+        assert code == 137
+        crashes += 1
+    assert crashes == 3  # max_attempts = 3: the broker dead-letters on the third loss
+    dead = ctl.dead_letters("crash")
+    assert [d.chunk for d in dead] == [7]
+    assert "delivery limit" in dead[0].reason
+    p = ctl.progress("crash")
+    assert (p.done, p.dead) == (19, 1)
+
+
+@pytest.mark.timeout(60)
+def test_chunk_longer_than_two_heartbeats_is_not_redelivered(rmq: Env) -> None:
+    ctl = rmq.make()
+    ctl.submit(spec("hb", params=40, chunk=10, task="slow", work_ms=0))
+    url = rmq.broker.url + "?heartbeat=2"
+    w = rmq.worker("hb", 0, "--exit-when-done", TTG_BROKER_URL=url, TTG_SLOW_PARAM="15",
+                   TTG_SLOW_S="7")
+    assert w.wait(timeout=45) == 0
+    p = ctl.progress("hb")
+    assert (p.done, p.executions, p.duplicates, p.reclaimed) == (4, 4, 0, 0)
+    text = Path(w.logfile).read_text()  # type: ignore[attr-defined]
+    assert "connection lost" not in text and "redelivered" not in text
+
+
+@pytest.mark.timeout(120)
+def test_broker_restart_mid_run_loses_nothing(own_node: Env) -> None:
+    env = own_node
+    ctl = env.make(retry_budget_s=60)
+    ctl.submit(spec("rs", params=600, chunk=10, task="reference", work_ms=5))
+    env.fleet("rs", 2)
+    wait_for(lambda: ctl.progress("rs").done >= 10, timeout=30, what="some progress")
+    env.broker.restart()
+    ctl = env.make(retry_budget_s=60)
+    p = wait(ctl, "rs", timeout_s=90, stall_s=10)
+    assert p.finished and p.dead == 0
+    r = exact(env, "rs", 600)
+    assert r["chunks"] == 60 and r["count"] == 600 and r["sum"] == r["expected"]
+    assert finish(env.procs) == [0, 0]
+    logs = "".join(Path(w.logfile).read_text() for w in env.procs)  # type: ignore[attr-defined]
+    assert "reconnecting" in logs
+
+
+@pytest.mark.timeout(60)
+def test_publish_refused_is_retried_then_raised_and_nothing_acked(rmq: Env) -> None:
+    ctl = rmq.make(options={"retry_tiers_ms": [60000]})
+    ctl.submit(spec("nack", params=20, chunk=10, task="poison", max_attempts=3))
+    n = Names("nack")
+    # the retry tier refuses publishes (max-length 0, reject-publish; a quorum queue takes
+    # one message over its limit, so it is filled first): the retry publish is nacked
+    rmq.broker.ctl("set_policy", "-p", rmq.broker.vhost, "--apply-to", "queues", "full",
+                   r"^ttg\.nack\.retry\.0$", '{"max-length": 0}')
+    ch = channel(rmq)
+    ch.confirm_delivery()
+    ch.basic_publish("", n.tier(0), b'{"c": 1, "s": 10, "e": 20, "a": 2}', mandatory=True)
+    with pytest.raises(pika.exceptions.NackError):  # the refusal, as a bare client sees it
+        ch.basic_publish("", n.tier(0), b"{}", mandatory=True)
+    ch.connection.close()
+    worker = RabbitMQBackend(rmq.config(retry_budget_s=2))
+    worker.start_consuming("nack", "in-test", None)
+    d = worker.next_delivery(5)
+    assert d is not None
+    t0 = time.monotonic()
+    with pytest.raises(PublishRejected):
+        worker.fail(d, "ValueError: boom", 0.01)
+    assert 1.5 < time.monotonic() - t0 < 10  # retried for the budget, then raised
+    worker.close()  # nothing was acked: the broker gives both chunks back
+    wait_for(lambda: ctl._count(n.tasks)[0] == 2, timeout=10, what="both chunks ready")
+    assert ctl._count(n.tier(0))[0] == 1  # only the filler
+
+
+@pytest.mark.timeout(60)
+def test_malformed_messages_are_dead_lettered_with_a_reason(rmq: Env) -> None:
+    ctl = rmq.make()
+    ctl.submit(spec("bad", params=100, chunk=10, task="reference", work_ms=0))
+    ch = channel(rmq)
+    ch.confirm_delivery()
+    ch.basic_publish("", Names("bad").tasks, b"not json at all", mandatory=True)
+    ch.basic_publish("", Names("bad").tasks, b'{"c": 999}', mandatory=True)
+    ch.connection.close()
+    w = rmq.worker("bad", 0, "--exit-when-done")
+    assert w.wait(timeout=30) == 0
+    dead = ctl.dead_letters("bad")
+    reasons = {d.chunk: d.reason for d in dead}
+    assert set(reasons) == {-1, 999}
+    assert all(r.startswith("malformed message") for r in reasons.values())
+    assert "outside" in reasons[999]
+    r = exact(rmq, "bad", 100)
+    assert r["chunks"] == 10 and r["sum"] == r["expected"]
+
+
+@pytest.mark.timeout(30)
+def test_wrong_password_is_one_clear_error(rmq: Env) -> None:
+    bad = rmq.tmp / "wrong.pass"
+    bad.write_text("not-the-password")
+    t0 = time.monotonic()
+    out = rmq.ttg("check", TTG_BROKER_PASSWORD_FILE=str(bad))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused user 'ttg'" in lines[0], out.stderr
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(BrokerAuthError):
+        RabbitMQBackend(BrokerConfig(url=rmq.broker.url, password="nope")).check()
+    w = rmq.worker("any", 0, TTG_BROKER_PASSWORD_FILE=str(bad))
+    assert w.wait(timeout=15) == 2
+
+
+@pytest.mark.timeout(30)
+def test_broker_not_up_is_bounded(tmp_path: Path) -> None:
+    url = f"amqp://ttg@127.0.0.1:{free_port()}/ttg"
+    backend = RabbitMQBackend(BrokerConfig(url=url, password="x", connect_timeout_s=1.5))
+    t0 = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        backend.check()
+    assert 1.0 < time.monotonic() - t0 < 6
+    out = subprocess.run([sys.executable, "-m", "ttg.cli", "check", "--backend", "rabbitmq",
+                          "--broker-url", url, "--connect-timeout", "1"],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2 and "unreachable" in out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_results_are_first_write_wins(rmq: Env) -> None:
+    """Two results for one chunk (a redelivered copy): the first is kept, both executed."""
+    ctl = rmq.make()
+    ctl.submit(spec("fw", params=20, chunk=10, task="reference"))
+    worker = RabbitMQBackend(rmq.config())
+    worker.start_consuming("fw", "in-test", None)
+    a = worker.next_delivery(5)
+    assert a is not None
+    worker.complete(a, Partial.of([1.0]), {"task_s": 0.1})
+    worker.complete(a, Partial.of([2.0]), {"task_s": 0.1})  # a duplicate write (no 2nd ack)
+    worker.close()
+    got = {c: p.sum for c, p, _m in ctl.results("fw")}
+    assert got == {a.chunk: 1.0}
+    p = ctl.progress("fw")
+    assert (p.done, p.executions, p.duplicates) == (1, 2, 1)

@@ -1,0 +1,1269 @@
+"""RabbitMQ backend: quorum work queue, retry tiers, dead-letter queue, results in a stream.
+
+Topology of a run RUN (vhost from the URL, default exchange "" everywhere, so every publish
+is addressed to a queue by name and `mandatory`, and every publish waits for its confirm):
+
+    ttg.RUN.meta       stream   the job: a `spec` record (JobSpec + retry tiers + delivery
+                                limit + submitted_at), then `enqueued` once every chunk is in.
+                                Workers that start before submission consume it from `first`
+                                and block until the spec arrives.
+    ttg.RUN.tasks      quorum   one message per chunk, JSON {c, s, e, a[, err][, lost]}:
+                                chunk, bounds, attempt, last error, losses carried over.
+                                x-delivery-limit = max_attempts - 1, x-dead-letter-exchange ""
+                                -> ttg.RUN.dlq with x-dead-letter-strategy at-least-once
+                                (x-overflow reject-publish): a chunk that keeps killing its
+                                worker is dead-lettered by the broker, never dropped.
+    ttg.RUN.retry.N    quorum   retry tier N (default TTLs 1 s, 5 s, 25 s): a queue-level
+                                x-message-ttl, dead-lettering (at-least-once) back to tasks.
+                                A failed attempt k goes to tier min(k, tiers) - 1.
+    ttg.RUN.dlq        quorum   dead letters: worker records {chunk, reason, attempts, worker,
+                                at[, raw]} (max attempts reached, malformed message) and the
+                                broker's delivery-limit dead letters (the task body + x-death).
+    ttg.RUN.results    stream   the run's ledger: `result` records (first per chunk wins, at
+                                read time) and `fail` records (failed attempts), so executions
+                                and task time count every attempt. Readable any number of times.
+    ttg.RUN.presence   classic  never published to; each worker consumes it, so its consumer
+                                count is the number of live workers.
+
+Worker: the pika connection lives on its own I/O thread (heartbeats keep flowing during a long
+chunk); deliveries reach the main thread through a queue.Queue; publishes and acks go back with
+`add_callback_threadsafe` and are waited on. The result is published (confirmed) before the
+ack. After a reconnect old delivery tags are dead: the result is still published, the ack is
+skipped and the broker's redelivery is recognised and acked without running it again.
+
+Losses: a returned message carries `x-delivery-count`; a worker that takes a redelivered
+(suspect) chunk runs it alone (consumer cancelled, other prefetched chunks handed back without
+a return), so a chunk that kills its worker is charged for it and its neighbours are not.
+`lost` in the body carries the count over a hand-back; attempt + lost > max_attempts is
+dead-lettered by the worker, the broker's delivery limit being the backstop.
+
+Controller: reads the streams to a marker it publishes itself (a stream has no "end"), so
+reads are exact; the results stream is tailed by one long-lived consumer between polls. The
+dead-letter queue is read with basic.get and handed back unacked (replay acks what it moves).
+Retry tiers come from `options["retry_tiers_ms"]` or TTG_RABBITMQ_RETRY_TIERS_MS ("1000,5000,
+25000") of the submitting process and are recorded with the job, so workers agree on them.
+`progress().in_flight` is a conservative estimate: the chunks neither done,
+dead nor ready in tasks/retry queues, counted as in flight while any worker is connected
+(unacked messages only exist on a live connection); 0 when no worker is connected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import pika
+import pika.exceptions as pex
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from ttg.backends.base import Backend, BrokerConfig, DeadLetter, Delivery, Progress
+from ttg.errors import BrokerAuthError, BrokerUnavailable, ConfigError, JobMismatch, TTGError
+from ttg.partial import Partial, decode_result, encode_result
+from ttg.sweep import JobSpec
+
+log = logging.getLogger("ttg.rabbitmq")
+T = TypeVar("T")
+
+DEFAULT_TIERS_MS = (1000, 5000, 25000)
+PERSISTENT = 2
+MARK = "ttg-mark"
+
+
+class PublishRejected(TTGError):
+    """The broker kept refusing a publish (nack or unroutable) past the retry budget."""
+
+    exit_code = 3
+
+
+class _Lost(Exception):
+    """The worker connection went away while an operation was pending."""
+
+
+@dataclass
+class Names:
+    run_id: str
+    tiers: int = 3
+
+    def q(self, what: str) -> str:
+        return f"ttg.{self.run_id}.{what}"
+
+    @property
+    def meta(self) -> str:
+        return self.q("meta")
+
+    @property
+    def tasks(self) -> str:
+        return self.q("tasks")
+
+    @property
+    def dlq(self) -> str:
+        return self.q("dlq")
+
+    @property
+    def results(self) -> str:
+        return self.q("results")
+
+    @property
+    def presence(self) -> str:
+        return self.q("presence")
+
+    def tier(self, i: int) -> str:
+        return self.q(f"retry.{i}")
+
+
+@dataclass
+class Topology:
+    tiers_ms: list[int]
+    delivery_limit: int
+
+    def queues(self, n: Names) -> list[tuple[str, dict]]:
+        dl = {"x-dead-letter-exchange": "", "x-dead-letter-strategy": "at-least-once",
+              "x-overflow": "reject-publish"}
+        out = [
+            (n.meta, {"x-queue-type": "stream"}),
+            (n.results, {"x-queue-type": "stream"}),
+            (n.dlq, {"x-queue-type": "quorum"}),
+            (n.presence, {"x-queue-type": "classic"}),
+            (n.tasks, {"x-queue-type": "quorum", "x-delivery-limit": self.delivery_limit,
+                       "x-dead-letter-routing-key": n.dlq, **dl}),
+        ]
+        for i, ttl in enumerate(self.tiers_ms):
+            out.append((n.tier(i), {"x-queue-type": "quorum", "x-message-ttl": int(ttl),
+                                    "x-dead-letter-routing-key": n.tasks, **dl}))
+        return out
+
+
+@dataclass
+class _Ledger:
+    """What the controller has read of a run's results stream so far."""
+
+    next_offset: int | str = "first"
+    done: set[int] = field(default_factory=set)
+    results: int = 0
+    fails: int = 0
+    retried: int = 0
+    reclaimed: int = 0
+    task_s: float = 0.0
+
+
+@dataclass
+class _Raw:
+    gen: int
+    tag: int
+    redelivered: bool
+    headers: dict
+    body: bytes
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _tiers_from(options: dict) -> list[int]:
+    raw: Any = options.get("retry_tiers_ms") or os.environ.get("TTG_RABBITMQ_RETRY_TIERS_MS")
+    if not raw:
+        return list(DEFAULT_TIERS_MS)
+    if isinstance(raw, str):
+        raw = [x for x in raw.replace(" ", "").split(",") if x]
+    try:
+        tiers = [int(x) for x in raw]
+    except (TypeError, ValueError):
+        raise ConfigError(f"retry tiers must be integers (ms), got {raw!r}") from None
+    if not tiers or any(t <= 0 for t in tiers):
+        raise ConfigError(f"retry tiers must be positive milliseconds, got {tiers!r}")
+    return tiers
+
+
+def _is_auth(exc: BaseException) -> bool:
+    if isinstance(exc, (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError,
+                        pex.AuthenticationError)):
+        return True
+    return isinstance(exc, pex.ConnectionClosedByBroker) and exc.reply_code in (403, 530)
+
+
+RETRYABLE = (pex.AMQPConnectionError, pex.AMQPChannelError, pex.ConnectionWrongStateError,
+             pex.ChannelWrongStateError, pex.StreamLostError, OSError, _Lost, AssertionError)
+
+
+# pika logs every connection failure at ERROR, several lines each, before raising it; this
+# backend reports them itself (one line, classified), so pika is kept quiet unless debugging.
+logging.getLogger("pika").setLevel(
+    logging.DEBUG if os.environ.get("TTG_PIKA_DEBUG") == "1" else logging.CRITICAL)
+
+
+def _discard(conn: BlockingConnection) -> None:
+    """Close a reader connection. pika rejects the deliveries in flight when it cancels a
+    consumer and a stream queue answers with a connection error: readers of streams use a
+    connection of their own, closed here, complaint ignored."""
+    try:
+        if conn.is_open:
+            conn.close()
+    except Exception:  # noqa: BLE001 - the connection is gone either way
+        pass
+
+
+def _header_int(headers: dict, key: str) -> int:
+    try:
+        return int(headers.get(key) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+class _IOThread(threading.Thread):
+    """Owns the worker's connection: heartbeats, deliveries, reconnects with backoff."""
+
+    def __init__(self, owner: RabbitMQBackend) -> None:
+        super().__init__(name="amqp-io", daemon=True)
+        self.owner = owner
+        self.inbox: queue.Queue[_Raw] = queue.Queue()
+        self.gen = 0
+        self.conn: BlockingConnection | None = None
+        self.ch: BlockingChannel | None = None
+        self.ready = threading.Event()
+        self.stop = threading.Event()
+        self.fatal: TTGError | None = None
+        self.want_consume = True
+        self.ctag: str | None = None
+        self._pending: set[Future] = set()
+        self._lock = threading.Lock()
+
+    # ---- I/O thread ---------------------------------------------------------------------
+    def run(self) -> None:
+        delay, deadline = 0.1, None
+        budget = self.owner.config.retry_budget_s
+        while not self.stop.is_set():
+            try:
+                self._open()
+                delay, deadline = 0.1, None
+                self.ready.set()
+                while not self.stop.is_set():
+                    self.conn.process_data_events(time_limit=0.2)  # type: ignore[union-attr]
+                    if self.ch is None or not self.ch.is_open:
+                        raise _Lost("the channel was closed by the broker")
+            except Exception as exc:  # noqa: BLE001 - every failure ends in a reconnect
+                self.ready.clear()
+                self._drop(exc)
+                if self.stop.is_set():
+                    break
+                if _is_auth(exc):
+                    self.fatal = self.owner.auth_error(exc)
+                    break
+                now = time.monotonic()
+                deadline = deadline or now + budget
+                if now + delay > deadline:
+                    self.fatal = BrokerUnavailable(
+                        f"rabbitmq at {_redacted(self.owner.config.url)} unreachable for "
+                        f"{budget:.0f}s: {exc.__class__.__name__}: {exc}")
+                    break
+                log.warning("connection lost (%s: %s): reconnecting in %.1fs",
+                            exc.__class__.__name__, exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+        self.ready.set()  # wake waiters: they look at `fatal` / `stop`
+        self._drop(_Lost("connection closed"))
+
+    def _open(self) -> None:
+        o = self.owner
+        self.conn = o.connect()
+        ch = self.conn.channel()
+        ch.confirm_delivery()
+        o.declare_topology(ch)
+        ch.basic_qos(prefetch_count=max(o.config.prefetch, 1))
+        self.gen += 1
+        self.ch = ch
+        ch.basic_consume(o.names.presence, on_message_callback=lambda *a: None)
+        if self.want_consume:
+            self.consume(ch)
+
+    def consume(self, ch: BlockingChannel) -> None:
+        gen = self.gen
+
+        def on_message(_ch: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
+            self.inbox.put(_Raw(gen, method.delivery_tag, bool(method.redelivered),
+                                dict(props.headers or {}), body))
+
+        self.ctag = ch.basic_consume(self.owner.names.tasks, on_message_callback=on_message)
+
+    def _drop(self, exc: BaseException) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, set()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(_Lost(f"{exc.__class__.__name__}: {exc}"))
+        conn, self.conn, self.ch, self.ctag = self.conn, None, None, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+    # ---- any thread ---------------------------------------------------------------------
+    def call(self, fn: Callable[[BlockingChannel], T], timeout: float) -> T:
+        """Run fn(channel) on the I/O thread and wait for it."""
+        conn, ch = self.conn, self.ch
+        if conn is None or ch is None or not self.ready.is_set():
+            raise _Lost("not connected")
+        fut: Future = Future()
+
+        def run() -> None:
+            if fut.done():
+                return
+            try:
+                result = fn(ch)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+
+        with self._lock:
+            self._pending.add(fut)
+        try:
+            conn.add_callback_threadsafe(run)
+            return fut.result(timeout)
+        except FutureTimeout:
+            raise _Lost(f"no answer from the connection thread in {timeout:.0f}s") from None
+        finally:
+            with self._lock:
+                self._pending.discard(fut)
+
+
+class _Tail:
+    """A long-lived consumer of one stream, read up to a fresh marker on demand.
+
+    The controller polls progress several times a second: one consumer that stays open (and
+    is never cancelled, see `_discard`) instead of a connection per poll.
+    """
+
+    def __init__(self, owner: RabbitMQBackend, q: str) -> None:
+        self.owner = owner
+        self.q = q
+        self.conn: BlockingConnection | None = None
+        self.buffer: deque[tuple[int, dict, bytes]] = deque()
+        self.last_tag = 0
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        self.buffer.clear()
+        if conn is not None:
+            _discard(conn)
+
+    def _open(self, start: int | str) -> None:
+        self.conn = self.owner.connect()
+        ch = self.conn.channel()
+        ch.basic_qos(prefetch_count=2000)
+
+        def on_message(_ch: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
+            headers = dict(props.headers or {})
+            self.last_tag = method.delivery_tag
+            self.buffer.append((_header_int(headers, "x-stream-offset"), headers, body))
+
+        ch.basic_consume(self.q, on_message_callback=on_message,
+                         arguments={"x-stream-offset": start})
+        self.ch = ch
+
+    def read(self, start: int | str) -> list[tuple[int, dict, bytes]]:
+        """Every record from `start` (the caller's next offset) up to now."""
+        if self.conn is None or not self.conn.is_open:
+            self.close()
+            self._open(start)
+        mark = uuid.uuid4().hex
+        self.owner._ctl(lambda ch: self.owner._publish(ch, self.q, b"", {MARK: mark}),
+                        f"mark {self.q}")
+        deadline = time.monotonic() + self.owner.config.retry_budget_s
+        out: list[tuple[int, dict, bytes]] = []
+        assert self.conn is not None
+        while True:
+            while self.buffer:
+                offset, headers, body = self.buffer.popleft()
+                if isinstance(start, int) and offset < start:
+                    continue
+                if MARK in headers:
+                    if headers[MARK] == mark:
+                        if self.last_tag:
+                            self.ch.basic_ack(self.last_tag, multiple=True)
+                            self.last_tag = 0
+                        return out
+                    continue
+                out.append((offset, headers, body))
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"reading {self.q}: the marker did not come back")
+            self.conn.process_data_events(time_limit=0.2)
+
+
+class RabbitMQBackend(Backend):
+    name = "rabbitmq"
+
+    def __init__(self, config: BrokerConfig) -> None:
+        super().__init__(config)
+        self.params = self._parameters()
+        self.tiers_ms = _tiers_from(config.options)
+        self._conn: BlockingConnection | None = None
+        self._ch: BlockingChannel | None = None
+        self._ledgers: dict[str, _Ledger] = {}
+        self._recs: dict[str, dict] = {}
+        self._tails: dict[str, _Tail] = {}
+        self._dlq_cache: dict[str, tuple[int, list[DeadLetter]]] = {}
+        # worker state
+        self.worker_id = "controller"
+        self.spec: JobSpec | None = None
+        self.names = Names("-")
+        self.topology = Topology(self.tiers_ms, 4)
+        self.io: _IOThread | None = None
+        self._held: deque[_Raw] = deque()
+        self._completed: set[int] = set()
+        self._handled: set[tuple[int, int]] = set()
+        self._acked: set[tuple[int, int]] = set()
+        self._isolated = False
+        self._kill_between = os.environ.get("TTG_TEST_KILL_BETWEEN_WRITE_AND_ACK") == "1"
+
+    # ---- connections --------------------------------------------------------------------
+    def _parameters(self) -> pika.URLParameters:
+        parts = urlsplit(self.config.url)
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"bad AMQP URL {_redacted(self.config.url)}: use "
+                              "amqp://user[:password]@host:port/vhost")
+        # pika cannot parse a user without a password: credentials are set apart
+        hostport = parts.netloc.rpartition("@")[2]
+        bare = parts._replace(netloc=hostport).geturl()
+        try:
+            params = pika.URLParameters(bare)
+        except ValueError as exc:
+            raise ConfigError(f"bad AMQP URL {_redacted(self.config.url)}: {exc}") from exc
+        user = unquote(parts.username) if parts.username else "guest"
+        password = self.config.password or (unquote(parts.password) if parts.password else "")
+        params.credentials = pika.PlainCredentials(user, password)
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.blocked_connection_timeout = max(self.config.retry_budget_s, 10)
+        params.client_properties = {"connection_name": f"ttg {os.getpid()}"}
+        return params
+
+    def auth_error(self, exc: BaseException) -> BrokerAuthError:
+        user = getattr(self.params.credentials, "username", "?")
+        return BrokerAuthError(
+            f"rabbitmq at {_redacted(self.config.url)} refused user {user!r} on vhost "
+            f"{self.params.virtual_host!r} (wrong password or no permission)")
+
+    def connect(self, budget_s: float | None = None) -> BlockingConnection:
+        """A new connection; bounded retries while the broker is not up."""
+        budget = self.config.connect_timeout_s if budget_s is None else budget_s
+        deadline = time.monotonic() + budget
+        delay = 0.1
+        while True:
+            try:
+                return BlockingConnection(self.params)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if _is_auth(exc):
+                    raise self.auth_error(exc) from None
+                if not isinstance(exc, RETRYABLE):
+                    raise
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerUnavailable(
+                        f"rabbitmq at {_redacted(self.config.url)} unreachable after "
+                        f"{budget:.0f}s: {exc.__class__.__name__}: {exc}") from None
+                log.warning("broker unavailable, retrying in %.1fs: %s",
+                            min(delay, remaining), exc.__class__.__name__)
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 2.0)
+
+    def _channel(self) -> BlockingChannel:
+        if self._conn is None or not self._conn.is_open:
+            self._conn = self.connect()
+            self._ch = None
+        if self._ch is None or not self._ch.is_open:
+            self._ch = self._conn.channel()
+            self._ch.confirm_delivery()
+        return self._ch
+
+    def _reset(self) -> None:
+        conn, self._conn, self._ch = self._conn, None, None
+        if conn is not None:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+    def _ctl(self, fn: Callable[[BlockingChannel], T], what: str = "operation") -> T:
+        """Run fn on the controller-side connection (this thread), reconnecting on failure."""
+        deadline = time.monotonic() + self.config.retry_budget_s
+        delay = 0.1
+        while True:
+            try:
+                return fn(self._channel())
+            except (pex.NackError, pex.UnroutableError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise PublishRejected(f"{what}: the broker refused the publish: {exc}") \
+                        from None
+                log.warning("%s: publish refused (%s), retrying", what, exc)
+            except (TTGError, pex.ChannelClosedByBroker) as exc:
+                if isinstance(exc, pex.ChannelClosedByBroker):
+                    self._ch = None
+                    # 404 "down or inaccessible": a queue still recovering after a restart
+                    transient = exc.reply_code != 404 or "down or inaccessible" in str(exc)
+                    if transient and time.monotonic() + delay <= deadline:
+                        log.warning("%s: channel closed by the broker: %s", what, exc)
+                        time.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+                        continue
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if _is_auth(exc):
+                    raise self.auth_error(exc) from None
+                if not isinstance(exc, RETRYABLE):
+                    raise
+                self._reset()
+                if time.monotonic() + delay > deadline:
+                    raise BrokerUnavailable(
+                        f"rabbitmq at {_redacted(self.config.url)}: {what} failed for "
+                        f"{self.config.retry_budget_s:.0f}s: {exc}") from None
+                log.warning("%s failed (%s), reconnecting", what, exc.__class__.__name__)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def check(self) -> None:
+        self._channel()
+
+    def close(self) -> None:
+        if self.io is not None:
+            self.io.stop.set()
+            self.io.join(timeout=5)
+            self.io = None
+        for tail in self._tails.values():
+            tail.close()
+        self._reset()
+
+    # ---- small helpers ------------------------------------------------------------------
+    @staticmethod
+    def _publish(ch: BlockingChannel, q: str, body: bytes | str, headers: dict | None = None,
+                 ) -> None:
+        """A persistent, mandatory publish; returns once confirmed (raises on nack/return)."""
+        ch.basic_publish("", q, body.encode() if isinstance(body, str) else body,
+                         pika.BasicProperties(delivery_mode=PERSISTENT, headers=headers or {},
+                                              content_type="application/json"),
+                         mandatory=True)
+
+    def declare_topology(self, ch: BlockingChannel) -> None:
+        for q, args in self.topology.queues(self.names):
+            ch.queue_declare(q, durable=True, arguments=args)
+
+    def _count(self, q: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of a queue, or None if it does not exist."""
+        def fn(ch: BlockingChannel) -> tuple[int, int]:
+            ok = ch.queue_declare(q, passive=True)
+            return ok.method.message_count, ok.method.consumer_count
+        try:
+            return self._ctl(fn, f"inspect {q}")
+        except pex.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return None
+            raise
+
+    def _read_stream(self, q: str, start: int | str) -> Iterator[tuple[int, dict, bytes]]:
+        """Every record of stream `q` from `start` up to now: (offset, headers, body).
+
+        A stream has no end marker, so a unique marker is published first (confirmed) and
+        the read stops when it comes back: everything confirmed before it has been seen.
+        """
+        mark = uuid.uuid4().hex
+        self._ctl(lambda ch: self._publish(ch, q, b"", {MARK: mark}), f"mark {q}")
+        conn = self.connect()
+        try:
+            ch = conn.channel()
+            ch.basic_qos(prefetch_count=2000)
+            deadline = time.monotonic() + self.config.retry_budget_s
+            unacked = 0
+            for method, props, body in ch.consume(q, arguments={"x-stream-offset": start},
+                                                  inactivity_timeout=1.0):
+                if method is None:
+                    if time.monotonic() > deadline:
+                        raise BrokerUnavailable(f"reading {q}: no end after "
+                                                f"{self.config.retry_budget_s:.0f}s")
+                    continue
+                unacked += 1
+                if unacked >= 500:
+                    ch.basic_ack(method.delivery_tag, multiple=True)
+                    unacked = 0
+                headers = dict(props.headers or {})
+                if MARK in headers:
+                    if headers[MARK] == mark:
+                        return
+                    continue
+                yield _header_int(headers, "x-stream-offset"), headers, body
+        finally:
+            _discard(conn)
+
+    def _stream_records(self, q: str, start: int | str = "first"
+                        ) -> Iterator[tuple[int, dict, bytes]]:
+        """`_read_stream` with reconnects: resumes after the last offset seen."""
+        pos: int | str = start
+        attempts = 0
+        if self._count(q) is None:
+            return  # no such stream: nothing to read
+        while True:
+            try:
+                for offset, headers, body in self._read_stream(q, pos):
+                    pos = offset + 1
+                    yield offset, headers, body
+                return
+            except pex.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404 and "down or inaccessible" not in str(exc):
+                    return  # no such stream: nothing to read
+                attempts += 1
+                self._reset()
+                if attempts > 20:
+                    raise BrokerUnavailable(f"reading {q}: {exc}") from None
+                time.sleep(min(0.1 * 2 ** attempts, 2.0))
+            except RETRYABLE as exc:
+                attempts += 1
+                self._reset()
+                if attempts > 20:
+                    raise BrokerUnavailable(f"reading {q}: {exc}") from None
+                time.sleep(min(0.1 * 2 ** attempts, 2.0))
+
+    # ---- job metadata -------------------------------------------------------------------
+    def _meta(self, run_id: str) -> tuple[dict | None, bool]:
+        """(the spec record, enqueued?) of a run."""
+        rec, enqueued = None, False
+        for _o, headers, body in self._stream_records(Names(run_id).meta):
+            kind = headers.get("k")
+            try:
+                data = json.loads(body)
+            except ValueError:
+                continue
+            if kind == "spec" and rec is None:
+                rec = data
+            elif kind == "enqueued":
+                enqueued = True
+        return rec, enqueued
+
+    def _adopt(self, rec: dict) -> JobSpec:
+        spec = JobSpec.from_fields(rec["spec"])
+        self.names = Names(spec.run_id, len(rec["tiers_ms"]))
+        self.topology = Topology([int(t) for t in rec["tiers_ms"]], int(rec["delivery_limit"]))
+        return spec
+
+    def _rec(self, run_id: str) -> dict | None:
+        """The run's spec record (cached once found: it never changes)."""
+        if run_id not in self._recs:
+            if self._count(Names(run_id).meta) is None:
+                return None
+            rec, _ = self._meta(run_id)
+            if rec is None:
+                return None
+            self._recs[run_id] = rec
+        return self._recs[run_id]
+
+    def load_spec(self, run_id: str) -> JobSpec | None:
+        rec = self._rec(run_id)
+        return JobSpec.from_fields(rec["spec"]) if rec else None
+
+    def submitted_at(self, run_id: str) -> float | None:
+        rec = self._rec(run_id)
+        return float(rec["submitted_at"]) if rec else None
+
+    # ---- controller ---------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> bool:
+        n = Names(spec.run_id, len(self.tiers_ms))
+        self._ctl(lambda ch: ch.queue_declare(n.meta, durable=True,
+                                               arguments={"x-queue-type": "stream"}))
+        rec, enqueued = self._meta(spec.run_id)
+        if rec is not None:
+            existing = JobSpec.from_fields(rec["spec"])
+            if not existing.same_job(spec):
+                raise JobMismatch(f"run {spec.run_id} exists with a different job "
+                                  f"({existing}); use a new run id")
+            if not enqueued:  # an earlier submit died half-way: finish it
+                self._adopt(rec)
+                self._ctl(self.declare_topology, "declare queues")
+                self._enqueue(spec, self._not_done_nor_dead(spec))
+                self._mark_enqueued(spec)
+            return False
+        rec = {"spec": spec.to_fields(), "tiers_ms": self.tiers_ms,
+               "delivery_limit": max(spec.max_attempts - 1, 0),
+               "submitted_at": f"{time.time():.6f}"}
+        self._adopt(rec)
+        self._ctl(self.declare_topology, "declare queues")
+        self._ctl(lambda ch: self._publish(ch, n.meta, json.dumps(rec), {"k": "spec"}),
+                  "publish the job")
+        rec2, _ = self._meta(spec.run_id)  # two concurrent submits: the first record wins
+        if rec2 is not None and rec2.get("submitted_at") != rec["submitted_at"]:
+            if not JobSpec.from_fields(rec2["spec"]).same_job(spec):
+                raise JobMismatch(f"run {spec.run_id} was submitted concurrently with a "
+                                  "different job")
+            return False
+        self._enqueue(spec, range(spec.chunks_total))
+        self._mark_enqueued(spec)
+        return True
+
+    def _mark_enqueued(self, spec: JobSpec) -> None:
+        n = Names(spec.run_id)
+        body = json.dumps({"chunks": spec.chunks_total, "at": time.time()})
+        self._ctl(lambda ch: self._publish(ch, n.meta, body, {"k": "enqueued"}), "enqueued")
+
+    def _enqueue(self, spec: JobSpec, chunks: Any) -> None:
+        n = Names(spec.run_id)
+
+        def publish_all(ch: BlockingChannel, todo: list[int]) -> None:
+            while todo:
+                chunk = todo[0]
+                s, e = spec.bounds(chunk)
+                self._publish(ch, n.tasks, json.dumps({"c": chunk, "s": s, "e": e, "a": 1}),
+                              {"chunk": chunk})
+                todo.pop(0)
+
+        todo = list(chunks)
+        self._ctl(lambda ch: publish_all(ch, todo), "enqueue chunks")
+
+    def _ledger(self, run_id: str) -> _Ledger:
+        led = self._ledgers.setdefault(run_id, _Ledger())
+        for offset, headers, body in self._tail_records(run_id, led.next_offset):
+            led.next_offset = offset + 1
+            kind = headers.get("k")
+            try:
+                data = json.loads(body)
+            except ValueError:
+                continue
+            if kind == "result":
+                led.results += 1
+                led.done.add(int(headers.get("chunk", data.get("chunk", -1))))
+                led.task_s += float(data.get("task_s", 0.0))
+                led.reclaimed += 1 if data.get("reclaimed") else 0
+            elif kind == "fail":
+                led.fails += 1
+                led.task_s += float(data.get("task_s", 0.0))
+                led.retried += 1 if data.get("outcome") == "retried" else 0
+        return led
+
+    def _tail_records(self, run_id: str, start: int | str) -> list[tuple[int, dict, bytes]]:
+        q = Names(run_id).results
+        if self._count(q) is None:
+            return []
+        tail = self._tails.get(run_id)
+        if tail is None:
+            tail = self._tails[run_id] = _Tail(self, q)
+        for attempt in range(20):
+            try:
+                return tail.read(start)
+            except (pex.ChannelClosedByBroker, *RETRYABLE) as exc:
+                tail.close()
+                if attempt == 19:
+                    raise BrokerUnavailable(f"reading {q}: {exc}") from None
+                time.sleep(min(0.1 * 2 ** attempt, 2.0))
+        return []
+
+    def results(self, run_id: str) -> Iterator[tuple[int, Partial, dict]]:
+        seen: set[int] = set()
+        for _o, headers, body in self._stream_records(Names(run_id).results):
+            if headers.get("k") != "result":
+                continue
+            chunk = _header_int(headers, "chunk")
+            if chunk in seen:
+                continue
+            seen.add(chunk)
+            partial, meta = decode_result(body)
+            yield chunk, partial, meta
+
+    def _read_dlq(self, run_id: str, take: Callable[[DeadLetter, BlockingChannel, int], bool]
+                  | None = None) -> list[DeadLetter]:
+        """Every dead letter, by basic.get; unless `take` says so each one is handed back
+        (the channel is closed unacked) so the queue is unchanged."""
+        q = Names(run_id).dlq
+
+        def read(_ch: BlockingChannel) -> list[DeadLetter]:
+            ch = self._conn.channel()  # type: ignore[union-attr]
+            out: list[DeadLetter] = []
+            try:
+                while True:
+                    method, props, body = ch.basic_get(q, auto_ack=False)
+                    if method is None:
+                        break
+                    d = self._parse_dead(props.headers or {}, body)
+                    if take is not None and take(d, ch, method.delivery_tag):
+                        continue
+                    out.append(d)
+            finally:
+                try:
+                    ch.close()
+                except Exception:  # noqa: BLE001 - unacked messages go back either way
+                    pass
+            return out
+
+        try:
+            return self._ctl(read, f"read {q}")
+        except pex.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return []
+            raise
+
+    @staticmethod
+    def _parse_dead(headers: dict, body: bytes) -> DeadLetter:
+        try:
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            return DeadLetter(chunk=-1, reason="malformed message", attempts=0,
+                              raw=body[:2000].decode("utf-8", "replace"))
+        if headers.get("k") == "dead":
+            return DeadLetter(chunk=int(data.get("chunk", -1)), reason=str(data.get("reason")),
+                              attempts=int(data.get("attempts", 0)),
+                              worker=data.get("worker"), at=data.get("at"),
+                              raw=data.get("raw"))
+        # the broker's dead letter: a task message and its x-death history
+        deaths = headers.get("x-death") or [{}]
+        reason = str(deaths[0].get("reason", "dead-lettered by the broker"))
+        lost = int(data.get("lost", 0) or 0) + sum(
+            int(d.get("count", 0) or 0) for d in deaths if d.get("reason") == "delivery_limit")
+        if reason == "delivery_limit":
+            text = "delivery limit: the chunk lost its worker (x-delivery-limit reached)"
+        else:
+            text = f"dead-lettered by the broker: {reason}"
+        if data.get("err"):
+            text += f"; last error: {data['err']}"
+        try:
+            chunk = int(data.get("c", -1))
+        except (TypeError, ValueError):
+            chunk = -1
+        return DeadLetter(chunk=chunk, reason=text,
+                          attempts=int(data.get("a", 1) or 1) + max(lost, 0),
+                          raw=None if chunk >= 0 else body[:2000].decode("utf-8", "replace"))
+
+    def dead_letters(self, run_id: str) -> list[DeadLetter]:
+        out: dict[int, DeadLetter] = {}
+        for d in self._read_dlq(run_id):
+            out[d.chunk] = d
+        return sorted(out.values(), key=lambda d: d.chunk)
+
+    def _dead_cached(self, run_id: str) -> list[DeadLetter]:
+        """The dead letters, re-read only when the DLQ's message count changes."""
+        counts = self._count(Names(run_id).dlq)
+        n = counts[0] if counts else 0
+        cached = self._dlq_cache.get(run_id)
+        if cached is None or cached[0] != n:
+            cached = (n, self.dead_letters(run_id) if n else [])
+            self._dlq_cache[run_id] = cached
+        return cached[1]
+
+    def _ready(self, run_id: str) -> int:
+        """Messages ready in the work queue and waiting in the retry tiers."""
+        n = Names(run_id)
+        rec = self._rec(run_id)
+        tiers = len(rec["tiers_ms"]) if rec else len(self.tiers_ms)
+        total = 0
+        for q in [n.tasks] + [n.tier(i) for i in range(tiers)]:
+            c = self._count(q)
+            total += c[0] if c else 0
+        return total
+
+    def progress(self, run_id: str) -> Progress:
+        spec = self.load_spec(run_id)
+        if spec is None:
+            raise ConfigError(f"run {run_id} has not been submitted")
+        n = Names(run_id)
+        led = self._ledger(run_id)
+        dead = {d.chunk for d in self._dead_cached(run_id)} - led.done
+        done = len(led.done)
+        queued = self._ready(run_id)
+        presence = self._count(n.presence)
+        workers = presence[1] if presence else 0
+        missing = max(spec.chunks_total - done - len(dead), 0)
+        in_flight = max(missing - queued, 0) if workers else 0
+        return Progress(
+            chunks_total=spec.chunks_total, done=done, dead=len(dead), queued=queued,
+            in_flight=in_flight, executions=led.results + led.fails,
+            duplicates=led.results - done, reclaimed=led.reclaimed, retried=led.retried,
+            task_s=led.task_s, workers_alive=workers,
+        )
+
+    def _not_done_nor_dead(self, spec: JobSpec) -> list[int]:
+        done = self._ledger(spec.run_id).done
+        dead = {d.chunk for d in self.dead_letters(spec.run_id)}
+        return sorted(set(range(spec.chunks_total)) - done - dead)
+
+    def reconcile(self, run_id: str) -> list[int]:
+        """Re-enqueue every chunk neither done nor dead, but only when nothing is ready in
+        the work and retry queues: a quorum queue cannot be listed, so "queued" is only
+        known to be empty then. In-flight chunks may be duplicated (first write wins)."""
+        spec = self.load_spec(run_id)
+        if spec is None:
+            raise ConfigError(f"run {run_id} has not been submitted")
+        if self._ready(run_id) > 0:
+            return []
+        missing = self._not_done_nor_dead(spec)
+        if missing and self._ready(run_id) == 0:
+            self._enqueue(spec, missing)
+            log.warning("reconcile re-enqueued %d chunk(s): %s", len(missing), missing[:20])
+            return missing
+        return []
+
+    def replay_dead(self, run_id: str, chunks: list[int] | None = None) -> list[int]:
+        spec = self.load_spec(run_id)
+        if spec is None:
+            raise ConfigError(f"run {run_id} has not been submitted")
+        n = Names(run_id)
+        replayed: list[int] = []
+
+        def take(d: DeadLetter, ch: BlockingChannel, tag: int) -> bool:
+            if not 0 <= d.chunk < spec.chunks_total:
+                return False  # a malformed message stays: there is nothing to replay
+            if chunks is not None and d.chunk not in chunks:
+                return False
+            s, e = spec.bounds(d.chunk)
+            self._publish(ch, n.tasks, json.dumps({"c": d.chunk, "s": s, "e": e, "a": 1}),
+                          {"chunk": d.chunk})
+            ch.basic_ack(tag)
+            replayed.append(d.chunk)
+            return True
+
+        self._read_dlq(run_id, take)
+        self._dlq_cache.pop(run_id, None)
+        return sorted(set(replayed))
+
+    # ---- worker -------------------------------------------------------------------------
+    def start_consuming(self, run_id: str, worker_id: str, worker_index: int | None) -> JobSpec:
+        self.worker_id = worker_id
+        meta = Names(run_id).meta
+        self._ctl(lambda ch: ch.queue_declare(meta, durable=True,
+                                               arguments={"x-queue-type": "stream"}))
+        rec = None
+        for _o, headers, body in self._wait_stream(meta):
+            if headers.get("k") == "spec":
+                rec = json.loads(body)
+                break
+        assert rec is not None
+        self.spec = self._adopt(rec)
+        self._reset()  # the main-thread connection would miss heartbeats during a chunk
+        self.io = _IOThread(self)
+        self.io.start()
+        if not self.io.ready.wait(self.config.connect_timeout_s + 5) or self.io.fatal:
+            raise self.io.fatal or BrokerUnavailable("could not start consuming")
+        return self.spec
+
+    def _wait_stream(self, q: str) -> Iterator[tuple[int, dict, bytes]]:
+        """Records of stream `q` from the first, blocking for new ones (never ends)."""
+        pos: int | str = "first"
+        while True:
+            conn = self.connect()  # bounded by connect_timeout_s
+            try:
+                ch = conn.channel()
+                ch.basic_qos(prefetch_count=100)
+                for method, props, body in ch.consume(q, arguments={"x-stream-offset": pos},
+                                                      inactivity_timeout=5.0):
+                    if method is None:
+                        continue
+                    ch.basic_ack(method.delivery_tag)
+                    headers = dict(props.headers or {})
+                    pos = _header_int(headers, "x-stream-offset") + 1
+                    if MARK in headers:
+                        continue
+                    yield pos - 1, headers, body
+            except RETRYABLE as exc:
+                log.warning("waiting for the job: %s", exc.__class__.__name__)
+            finally:
+                _discard(conn)
+
+    def _io(self) -> _IOThread:
+        assert self.io is not None, "start_consuming first"
+        if self.io.fatal:
+            raise self.io.fatal
+        return self.io
+
+    def _op(self, fn: Callable[[BlockingChannel], T], what: str) -> T:
+        """fn(channel) on the I/O thread; waits through reconnects (retry_budget_s)."""
+        io = self._io()
+        deadline = time.monotonic() + self.config.retry_budget_s
+        delay = 0.1
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerUnavailable(f"{what}: broker unavailable for "
+                                        f"{self.config.retry_budget_s:.0f}s")
+            io.ready.wait(remaining)
+            if io.fatal:
+                raise io.fatal
+            try:
+                return io.call(fn, timeout=max(remaining, 1.0))
+            except (pex.NackError, pex.UnroutableError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise PublishRejected(f"{what}: the broker refused the publish for "
+                                          f"{self.config.retry_budget_s:.0f}s: {exc}") from None
+                log.warning("%s: publish refused (%s): retrying in %.1fs", what, exc, delay)
+            except RETRYABLE as exc:
+                log.info("%s: %s: waiting for the reconnect", what, exc.__class__.__name__)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _publish_op(self, q: str, body: str, headers: dict, what: str) -> None:
+        self._op(lambda ch: self._publish(ch, q, body, headers), what)
+
+    def _ack(self, d: Delivery) -> None:
+        gen, tag = d.token
+        io = self._io()
+        if d.token in self._acked:
+            return
+        self._acked.add(d.token)
+        if gen != io.gen:
+            log.info("delivery from before a reconnect: not acked (the broker requeued it; "
+                     "the copy will be recognised)", extra={"chunk": d.chunk})
+            return
+
+        def ack(ch: BlockingChannel) -> None:
+            if io.gen == gen:
+                ch.basic_ack(tag)
+
+        try:
+            io.call(ack, timeout=10)
+        except RETRYABLE:
+            log.info("ack lost with the connection: the copy will be recognised",
+                     extra={"chunk": d.chunk})
+
+    def _ack_raw(self, raw: _Raw) -> None:
+        io = self._io()
+        if raw.gen != io.gen:
+            return
+        try:
+            io.call(lambda ch: ch.basic_ack(raw.tag) if io.gen == raw.gen else None,
+                    timeout=10)
+        except RETRYABLE:
+            pass
+
+    def _dead_letter(self, chunk: int, reason: str, attempts: int, raw: str = "") -> None:
+        rec = {"chunk": chunk, "reason": reason[:2000], "attempts": attempts,
+               "worker": self.worker_id, "at": round(time.time(), 3)}
+        if raw:
+            rec["raw"] = raw[:2000]
+        self._publish_op(self.names.dlq, json.dumps(rec), {"k": "dead", "chunk": chunk},
+                         "dead-letter")
+
+    def _parse(self, raw: _Raw) -> Delivery | None:
+        """A Delivery, or None after dead-lettering a malformed message."""
+        assert self.spec is not None
+        try:
+            data = json.loads(raw.body)
+            if not isinstance(data, dict):
+                raise ValueError("the body is not a JSON object")
+            chunk = int(data["c"])
+            start, end = self.spec.bounds(chunk)
+            attempt = int(data.get("a", 1))
+            if "s" in data and (int(data["s"]), int(data["e"])) != (start, end):
+                raise ValueError(f"bounds {data['s']}..{data['e']} do not match the job")
+            lost = int(data.get("lost", 0) or 0)
+        except (KeyError, ValueError, TypeError) as exc:
+            reason = f"malformed message: {exc.__class__.__name__}: {exc}"
+            text = raw.body[:2000].decode("utf-8", "replace")
+            try:
+                chunk = int(json.loads(raw.body)["c"])
+            except Exception:  # noqa: BLE001 - no chunk id to report
+                chunk = -1
+            log.error("dead-lettering a message: %s", reason)
+            self._dead_letter(chunk, reason, 0, raw=text)
+            self._ack_raw(raw)
+            return None
+        lost += _header_int(raw.headers, "x-delivery-count")
+        d = Delivery(self.spec.run_id, chunk, start, end, attempt, token=(raw.gen, raw.tag),
+                     reclaimed=lost > 0 or raw.redelivered, last_error=data.get("err"))
+        d.lost = lost  # type: ignore[attr-defined]
+        d.body = data  # type: ignore[attr-defined]
+        return d
+
+    def _fill(self, timeout_s: float) -> bool:
+        io = self._io()
+        try:
+            self._held.append(io.inbox.get(timeout=max(timeout_s, 0.0)))
+        except queue.Empty:
+            return False
+        while True:
+            try:
+                self._held.append(io.inbox.get_nowait())
+            except queue.Empty:
+                return True
+
+    def next_delivery(self, timeout_s: float) -> Delivery | None:
+        assert self.spec is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            io = self._io()
+            if not self._held and not self._fill(deadline - time.monotonic()):
+                if io.fatal:
+                    raise io.fatal
+                return None
+            raw = self._held.popleft()
+            if raw.gen != io.gen:
+                continue  # its channel is gone: the broker has requeued it
+            d = self._parse(raw)
+            if d is None:
+                continue
+            lost = d.lost  # type: ignore[attr-defined]
+            if d.reclaimed and (d.chunk in self._completed
+                                or (d.chunk, d.attempt) in self._handled):
+                log.info("redelivered copy of a chunk handled here: acked, not run",
+                         extra={"chunk": d.chunk})
+                self._ack(d)
+                continue
+            if d.attempt + lost > self.spec.max_attempts:
+                reason = f"delivery limit: the chunk lost its worker {lost} time(s)"
+                if d.last_error:
+                    reason += f"; last error: {d.last_error}"
+                log.error("dead-lettering: %s", reason, extra={"chunk": d.chunk})
+                self._dead_letter(d.chunk, reason, d.attempt + lost)
+                self._ack(d)
+                continue
+            if lost > 0:
+                self._isolate(d)
+            return d
+
+    def _hand_back(self, raw: _Raw) -> None:
+        """Give a held, unstarted message back without counting a return: republish it
+        (its losses carried in `lost`), then ack the original."""
+        io = self._io()
+        if raw.gen != io.gen:
+            return
+        try:
+            data = json.loads(raw.body)
+            if not isinstance(data, dict):
+                raise ValueError
+            data["lost"] = int(data.get("lost", 0) or 0) + _header_int(raw.headers,
+                                                                       "x-delivery-count")
+            body = json.dumps(data)
+        except (ValueError, TypeError):
+            body = raw.body.decode("utf-8", "replace")
+
+        def give(ch: BlockingChannel) -> None:
+            if io.gen != raw.gen:
+                return
+            headers = {"chunk": raw.headers["chunk"]} if "chunk" in raw.headers else {}
+            self._publish(ch, self.names.tasks, body, headers)
+            ch.basic_ack(raw.tag)
+
+        try:
+            self._op(give, "hand back")
+        except PublishRejected:
+            io.call(lambda ch: ch.basic_nack(raw.tag, requeue=True), timeout=10)
+
+    def _isolate(self, d: Delivery) -> None:
+        """Run a redelivered chunk alone: stop consuming, hand the rest back."""
+        io = self._io()
+        io.want_consume = False
+
+        def cancel(ch: BlockingChannel) -> None:
+            if io.ctag is not None:
+                ch.basic_cancel(io.ctag)
+                io.ctag = None
+
+        try:
+            self._op(cancel, "pause consuming")
+        except RETRYABLE:
+            pass
+        self._fill(0.0)
+        while self._held:
+            self._hand_back(self._held.popleft())
+        self._isolated = True
+        log.info("redelivered chunk (lost its worker %d time(s)): running it alone",
+                 d.lost, extra={"chunk": d.chunk})  # type: ignore[attr-defined]
+
+    def _resume(self) -> None:
+        if not self._isolated:
+            return
+        self._isolated = False
+        io = self._io()
+        io.want_consume = True
+
+        def consume(ch: BlockingChannel) -> None:
+            if io.ctag is None:
+                io.consume(ch)
+
+        self._op(consume, "resume consuming")
+
+    def complete(self, delivery: Delivery, partial: Partial, meta: dict) -> bool:
+        d = delivery
+        extra = {"reclaimed": True} if d.reclaimed else {}
+        body = encode_result(partial, chunk=d.chunk, **meta, **extra)
+        self._publish_op(self.names.results, body, {"k": "result", "chunk": d.chunk},
+                         "write the result")
+        new = d.chunk not in self._completed
+        self._completed.add(d.chunk)
+        if self._kill_between:
+            os._exit(137)
+        self._ack(d)
+        self._resume()
+        return new
+
+    def fail(self, delivery: Delivery, error: str, task_s: float = 0.0) -> str:
+        assert self.spec is not None
+        d = delivery
+        lost = getattr(d, "lost", 0)
+        dead = d.attempt >= self.spec.max_attempts
+        outcome = "dead" if dead else "retried"
+        rec = {"chunk": d.chunk, "attempt": d.attempt, "task_s": round(task_s, 6),
+               "err": error[:2000], "outcome": outcome, "worker": self.worker_id}
+        self._publish_op(self.names.results, json.dumps(rec), {"k": "fail", "chunk": d.chunk},
+                         "record the failure")
+        if dead:
+            self._dead_letter(d.chunk, error, d.attempt + lost)
+        else:
+            tiers = self.topology.tiers_ms
+            tier = self.names.tier(min(d.attempt, len(tiers)) - 1)
+            body = json.dumps({"c": d.chunk, "s": d.start, "e": d.end, "a": d.attempt + 1,
+                               "err": error[:2000], "lost": lost})
+            self._publish_op(tier, body, {"chunk": d.chunk}, "retry")
+        self._handled.add((d.chunk, d.attempt))
+        self._ack(d)
+        self._resume()
+        return outcome
+
+    def release(self, delivery: Delivery) -> None:
+        gen, tag = delivery.token
+        body = getattr(delivery, "body", None)
+        raw = _Raw(gen, tag, delivery.reclaimed, {"chunk": delivery.chunk},
+                   json.dumps({**(body or {}), "lost": getattr(delivery, "lost", 0)}).encode())
+        self._hand_back(raw)
+        self._isolated = False
+
+    def release_prefetched(self) -> None:
+        if self.io is None or self.io.fatal:
+            return
+        io = self.io
+        io.want_consume = False
+
+        def cancel(ch: BlockingChannel) -> None:
+            if io.ctag is not None:
+                ch.basic_cancel(io.ctag)
+                io.ctag = None
+
+        try:
+            self._op(cancel, "stop consuming")
+            self._fill(0.0)
+            while self._held:
+                self._hand_back(self._held.popleft())
+        except TTGError as exc:
+            log.warning("could not hand back prefetched chunks (%s): the broker will", exc)
+
+    def finished_for_me(self) -> bool:
+        assert self.spec is not None
+        try:
+            led = self._ledger(self.spec.run_id)
+            dead = {d.chunk for d in self._dead_cached(self.spec.run_id)} - led.done
+        finally:  # no idle main-thread connection while chunks run (missed heartbeats)
+            for tail in self._tails.values():
+                tail.close()
+            self._reset()
+        return len(led.done) + len(dead) >= self.spec.chunks_total
