@@ -939,7 +939,8 @@ class RabbitMQBackend(Backend):
         return sorted(set(replayed))
 
     # ---- worker -------------------------------------------------------------------------
-    def start_consuming(self, run_id: str, worker_id: str, worker_index: int | None) -> JobSpec:
+    def start_consuming(self, run_id: str, worker_id: str,
+                        worker_index: int | None) -> JobSpec | None:
         self.worker_id = worker_id
         meta = Names(run_id).meta
         self._ctl(lambda ch: ch.queue_declare(meta, durable=True,
@@ -949,7 +950,8 @@ class RabbitMQBackend(Backend):
             if headers.get("k") == "spec":
                 rec = json.loads(body)
                 break
-        assert rec is not None
+        if rec is None:  # stopped while waiting for the submission
+            return None
         self.spec = self._adopt(rec)
         self._reset()  # the main-thread connection would miss heartbeats during a chunk
         self.io = _IOThread(self)
@@ -967,8 +969,10 @@ class RabbitMQBackend(Backend):
                 ch = conn.channel()
                 ch.basic_qos(prefetch_count=100)
                 for method, props, body in ch.consume(q, arguments={"x-stream-offset": pos},
-                                                      inactivity_timeout=5.0):
+                                                      inactivity_timeout=1.0):
                     if method is None:
+                        if self.stop_requested():
+                            return
                         continue
                     ch.basic_ack(method.delivery_tag)
                     headers = dict(props.headers or {})
