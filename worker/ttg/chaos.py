@@ -116,11 +116,17 @@ class LocalPlatform:
         self._cached_at = 0.0
 
     def kill_broker(self) -> None:
+        """SIGKILL the broker's whole process group: supervisord starts each program in a
+        group of its own, and `rabbitmq-server` forks the Erlang VM instead of exec'ing it,
+        so killing the script alone would leave the node running on its port."""
         status = self._status()
         pid = status.get(self.broker) or status.get(f"{self.broker}:{self.broker}")
         if pid is None:
             raise ConfigError(f"broker program {self.broker} is not running")
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def add_worker(self, name: str, env: dict[str, str]) -> subprocess.Popen:
         """An extra worker, a child of this process, with this process's TTG_* settings."""
