@@ -1,0 +1,186 @@
+"""The Kubernetes path's playbooks and roles: syntax with the kind and aks inventories,
+ansible-lint (production profile, the repository's empty skip list), yamllint, the roles'
+documentation, and the fail-fast promise: no Docker/kind or no Azure login -> one clear line,
+nothing created."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .helpers import ROOT, run, tool
+
+OWN_ROLES = ["k8s_app", "kind_cluster", "aks_cluster"]
+OWN_PATHS = [
+    "roles/k8s_app",
+    "roles/kind_cluster",
+    "roles/aks_cluster",
+    "inventories/kind",
+    "inventories/aks",
+    "playbooks/render-manifests.yml",
+]
+PLAYBOOKS = sorted(
+    [
+        "site.yml",
+        *(str(p.relative_to(ROOT)) for p in (ROOT / "playbooks").glob("*.yml")),
+    ]
+)
+
+
+@pytest.mark.parametrize("inventory", ["kind", "aks"])
+@pytest.mark.parametrize("playbook", PLAYBOOKS)
+def test_syntax_check(inventory: str, playbook: str) -> None:
+    result = run(
+        [
+            tool("ansible-playbook"),
+            "--syntax-check",
+            "-i",
+            f"inventories/{inventory}",
+            playbook,
+        ],
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("inventory", ["kind", "aks"])
+def test_inventory_groups_and_concerns(inventory: str) -> None:
+    result = run(
+        [tool("ansible-inventory"), "-i", f"inventories/{inventory}", "--list"]
+    )
+    assert result.returncode == 0, result.stderr
+    data = yaml.safe_load(result.stdout)
+    assert "localhost" in data["ttg_controller"]["hosts"]
+    files = {
+        p.stem
+        for p in (ROOT / "inventories" / inventory / "group_vars" / "all").glob("*.yml")
+    }
+    assert {"cluster", "backend", "workers", "chaos"} <= files
+    groups = [g for g in data if g not in {"_meta", "all", "ungrouped"}]
+    assert all("-" not in g for g in groups), groups
+
+
+@pytest.mark.parametrize("role", OWN_ROLES)
+def test_role_is_documented_and_specified(role: str) -> None:
+    base = ROOT / "roles" / role
+    defaults = yaml.safe_load((base / "defaults" / "main.yml").read_text())
+    specs = yaml.safe_load((base / "meta" / "argument_specs.yml").read_text())[
+        "argument_specs"
+    ]
+    readme = (base / "README.md").read_text()
+    for name in defaults:
+        assert name.startswith(f"{role}_"), name
+        assert f"`{name}`" in readme, f"{name} missing from the README"
+        for entry, spec in specs.items():
+            assert name in spec["options"], (
+                f"{name} missing from the {entry} argument spec"
+            )
+    for entry in specs:
+        if entry != "main":
+            assert (base / "tasks" / f"{entry}.yml").exists(), entry
+    assert (base / "molecule" / "default" / "molecule.yml").exists()
+    assert "Molecule" in readme
+
+
+@pytest.mark.lint
+def test_ansible_lint_production() -> None:
+    config = yaml.safe_load((ROOT / ".ansible-lint").read_text())
+    assert config["profile"] == "production" and not config.get("skip_list")
+    result = run([tool("ansible-lint"), *OWN_PATHS], timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+
+
+@pytest.mark.lint
+def test_yamllint() -> None:
+    result = run([tool("yamllint"), "--strict", *OWN_PATHS], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _playbook(tmp_path: Path, role: str) -> Path:
+    book = tmp_path / "play.yml"
+    book.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": f"Provision with {role}",
+                    "hosts": "ttg_controller",
+                    "gather_facts": False,
+                    "roles": [{"role": role}],
+                }
+            ]
+        )
+    )
+    return book
+
+
+def test_kind_fails_fast_without_docker_and_kind(tmp_path: Path) -> None:
+    """PLATFORM=kind where kind (or Docker) is missing: one clear line, nothing created."""
+    state = tmp_path / "state"
+    result = run(
+        [
+            tool("ansible-playbook"),
+            "-i",
+            "inventories/kind",
+            str(_playbook(tmp_path, "kind_cluster")),
+            "-e",
+            f"ttg_state_dir={state}",
+            "-e",
+            "kind_cluster_kind_bin=/nonexistent/kind",
+        ],
+        ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "PLATFORM=kind needs" in result.stdout and "kind on PATH" in result.stdout
+    assert "nothing was created" in result.stdout
+    assert not state.exists()
+
+
+def test_aks_fails_fast_without_azure_credentials(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    result = run(
+        [
+            tool("ansible-playbook"),
+            "-i",
+            "inventories/aks",
+            str(_playbook(tmp_path, "aks_cluster")),
+            "-e",
+            f"ttg_state_dir={state}",
+            "-e",
+            "aks_cluster_az_bin=/nonexistent/az",
+        ],
+        ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+        AZURE_SUBSCRIPTION_ID="",
+        AZURE_CLIENT_ID="",
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert (
+        "PLATFORM=aks needs" in result.stdout and "nothing was created" in result.stdout
+    )
+    assert not state.exists()
+
+
+def test_kind_config_renders(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    result = run(
+        [
+            tool("ansible-playbook"),
+            "-i",
+            "inventories/kind",
+            str(_playbook(tmp_path, "kind_cluster")),
+            "-e",
+            f"ttg_state_dir={state}",
+            "-e",
+            "kind_cluster_render_only=true",
+        ],
+        ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    config = yaml.safe_load((state / "kind" / "kind-config.yml").read_text())
+    assert [n["role"] for n in config["nodes"]] == ["control-plane"] + ["worker"] * 3
+    assert {n["image"] for n in config["nodes"]} == {"kindest/node:v1.32.2"}
+    assert all(n.get("labels") for n in config["nodes"])

@@ -1,0 +1,117 @@
+"""End to end on a live Kind cluster: kind_cluster (cluster + image), then k8s_app's backend,
+fleet and sweep stages for each backend, and the summary read back into runs/<run_id>/.
+
+Runs only where Docker, kind and the pinned node image are present (a developer machine):
+    TTG_LIVE_KIND=1 pytest tests/k8s/test_live_kind.py
+It deletes the cluster it made at the end (TTG_LIVE_KIND_KEEP=1 keeps it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .helpers import BACKENDS, ROOT, run, tool
+
+pytestmark = pytest.mark.live
+CLUSTER = yaml.safe_load(
+    (ROOT / "inventories/kind/group_vars/all/cluster.yml").read_text()
+)
+
+
+def _why_not() -> str | None:
+    if not shutil.which("kind"):
+        return (
+            "kind is not installed (a live cluster needs Docker + kind + a node image)"
+        )
+    if (
+        not shutil.which("docker")
+        or run(["docker", "info"], timeout=30).returncode != 0
+    ):
+        return "no Docker daemon reachable (a live cluster needs Docker + kind)"
+    image = CLUSTER["ttg_kind_node_image"]
+    if run(["docker", "image", "inspect", image], timeout=30).returncode != 0:
+        return f"Kind node image {image} is not present (docker pull {image} first)"
+    if os.environ.get("TTG_LIVE_KIND") != "1":
+        return "Docker, kind and the node image are here: set TTG_LIVE_KIND=1 to run it"
+    return None
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    state = tmp_path_factory.mktemp("state")
+    yield state
+    if os.environ.get("TTG_LIVE_KIND_KEEP") != "1":
+        run(
+            ["kind", "delete", "cluster", "--name", CLUSTER["ttg_kind_cluster_name"]],
+            timeout=300,
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sweep_on_kind(live: Path, tmp_path: Path, backend: str) -> None:
+    runs = tmp_path / "runs"
+    run_id = f"live-{backend}"
+    book = tmp_path / "play.yml"
+    book.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "TTG on Kind",
+                    "hosts": "ttg_controller",
+                    "gather_facts": False,
+                    "tasks": [
+                        {
+                            "name": "Cluster",
+                            "ansible.builtin.include_role": {"name": "kind_cluster"},
+                        },
+                        *(
+                            {
+                                "name": f"k8s_app {stage}",
+                                "ansible.builtin.include_role": {
+                                    "name": "k8s_app",
+                                    "tasks_from": f"{stage}.yml",
+                                },
+                            }
+                            for stage in ("main", "fleet", "sweep")
+                        ),
+                    ],
+                }
+            ]
+        )
+    )
+    result = run(
+        [
+            tool("ansible-playbook"),
+            "-i",
+            "inventories/kind",
+            str(book),
+            "-e",
+            f"ttg_state_dir={live}",
+            "-e",
+            f"ttg_runs_dir={runs}",
+            "-e",
+            f"ttg_backend={backend}",
+            "-e",
+            f"ttg_run_id={run_id}",
+            "-e",
+            "ttg_params=1000",
+            "-e",
+            "ttg_chunk_size=10",
+            "-e",
+            "ttg_work_ms=1",
+        ],
+        ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-6000:]
+    summary = json.loads((runs / run_id / "summary.json").read_text())
+    assert summary["ok"] and summary["platform"] == "kind"
+    assert summary["result"]["sum"] == 500035.5
