@@ -1,0 +1,93 @@
+# TTG — `make` with no target prints this help. Targets are thin: one ansible-playbook
+# (or pytest) call each; the logic lives in roles/ and in the worker.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules --no-print-directory
+
+##@ Variables (override on the command line: make demo BACKEND=redis PARAMS=1000)
+SCALE ?=## preset: small (1000 params, chunk 10, 100 ms) or medium (10000, 100, 10 ms)
+ifeq ($(SCALE),small)
+PARAMS ?= 1000
+CHUNK ?= 10
+WORK_MS ?= 100
+else ifeq ($(SCALE),medium)
+PARAMS ?= 10000
+CHUNK ?= 100
+WORK_MS ?= 10
+else ifneq ($(SCALE),)
+$(error SCALE must be small or medium, got '$(SCALE)')
+endif
+BACKEND ?= redis## redis | rabbitmq | static
+PLATFORM ?= local## local | kind | aks
+PARAMS ?= 10000## parameters in the sweep
+CHUNK ?= 100## parameters per chunk
+WORKERS ?= 3## worker processes
+WORK_MS ?= 1## simulated ms of work per parameter
+TASK ?= reference## built-in task name or module:function
+RUN_ID ?=## empty: generated as YYYYmmdd-HHMMSS-xxxx
+ANSIBLE_ARGS ?=## extra ansible-playbook arguments, e.g. -e ttg_state_dir=/tmp/x -v
+
+VENV ?= .venv
+PYTHON ?= python3
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+INVENTORY := inventories/$(if $(wildcard inventories/$(PLATFORM)/hosts.yml),$(PLATFORM),local)
+SWEEP_VARS := -e 'ttg_platform=$(PLATFORM)' -e 'ttg_backend=$(BACKEND)' -e 'ttg_params=$(PARAMS)' \
+	-e 'ttg_chunk_size=$(CHUNK)' -e 'ttg_workers=$(WORKERS)' -e 'ttg_work_ms=$(WORK_MS)' \
+	-e 'ttg_task=$(TASK)' -e 'ttg_run_id=$(RUN_ID)'
+PLAYBOOK := ansible-playbook -i $(INVENTORY)
+
+##@ General
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*##"; printf "\nUsage:\n  make \033[36m<target>\033[0m [VAR=value ...]\n"} \
+	  /^[a-zA-Z_-]+:.*?##/ { printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2 } \
+	  /^[A-Z_]+ \?=.*##/ { split($$0, a, "##"); n = a[1]; v = a[1]; sub(/ \?=.*/, "", n); sub(/^[^=]*= ?/, "", v); \
+	    printf "  \033[33m%-12s\033[0m %-10s %s\n", n, v, a[2] } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Setup
+
+.PHONY: setup
+setup: $(VENV)/.installed ## Create .venv from requirements.lock and install the worker (ttg)
+
+$(VENV)/.installed: requirements.lock worker/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e worker
+	touch $@
+
+.PHONY: lock
+lock: ## Re-pin requirements.lock from requirements.txt (needs the registry)
+	rm -rf .cache/lockvenv && $(PYTHON) -m venv .cache/lockvenv
+	.cache/lockvenv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	{ echo "# Pinned by 'make lock' from requirements.txt (Python 3.11). Install: pip install -r requirements.lock"; \
+	  .cache/lockvenv/bin/pip freeze --exclude-editable; } > requirements.lock
+
+##@ Run
+
+.PHONY: demo
+demo: setup ## Run a sweep end to end on PLATFORM with BACKEND and print the verified result
+	$(PLAYBOOK) site.yml $(SWEEP_VARS) $(ANSIBLE_ARGS)
+
+.PHONY: clean
+clean: setup ## Stop every process of the local platform (data in .state/ and runs/ is kept)
+	$(PLAYBOOK) playbooks/cleanup.yml -e ttg_platform=$(PLATFORM) $(ANSIBLE_ARGS)
+
+##@ Test
+
+.PHONY: test
+test: lint molecule ## Everything a contributor keeps green: lint, molecule, pytest
+	pytest -m "not lint and not molecule" worker/tests tests
+
+.PHONY: lint
+lint: setup ## ruff, yamllint, ansible-lint (production profile), playbook syntax checks
+	ruff check worker tests
+	yamllint --strict .
+	ansible-lint
+	$(PLAYBOOK) --syntax-check site.yml playbooks/*.yml
+
+.PHONY: molecule
+molecule: setup ## Molecule scenario of every role (delegated driver, local connection)
+	for role in roles/*/; do (cd "$$role" && molecule test); done
