@@ -26,6 +26,10 @@ WORKERS ?= 3## worker processes
 WORK_MS ?= 1## simulated ms of work per parameter
 TASK ?= reference## built-in task name or module:function
 RUN_ID ?=## empty: generated as YYYYmmdd-HHMMSS-xxxx
+FAULT ?= all## chaos: comma-separated faults (ttg chaos-plan lists them) or all
+AT ?= 0.3## chaos: progress at which a fault strikes
+DRY_RUN ?=## clean: 1 = list what would be stopped, touch nothing
+CONFIRM ?=## clean: yes = do not ask
 ANSIBLE_ARGS ?=## extra ansible-playbook arguments, e.g. -e ttg_state_dir=/tmp/x -v
 
 VENV ?= .venv
@@ -71,9 +75,35 @@ lock: ## Re-pin requirements.lock from requirements.txt (needs the registry)
 demo: setup ## Run a sweep end to end on PLATFORM with BACKEND and print the verified result
 	$(PLAYBOOK) site.yml $(SWEEP_VARS) $(ANSIBLE_ARGS)
 
+.PHONY: chaos
+chaos: setup ## One sweep per fault (FAULT=a,b or all), each verified; then what each fault cost
+	$(PLAYBOOK) playbooks/chaos.yml $(SWEEP_VARS) -e 'chaos_faults=$(FAULT)' -e 'chaos_at=$(AT)' $(ANSIBLE_ARGS)
+
+.PHONY: report
+report: setup ## Write runs/<RUN_ID or latest>/report.md with its plots, from what the run recorded
+	ttg report $(if $(RUN_ID),--run-dir runs/$(RUN_ID),--runs-dir runs)
+
+.PHONY: monitor
+monitor: setup ## Attach to a running local run: live progress until it finishes (RUN_ID, BACKEND)
+	TTG_BROKER_PASSWORD_FILE=.state/secrets/$(if $(filter rabbitmq,$(BACKEND)),rabbitmq,redis).pass \
+	  ttg status --watch --backend $(BACKEND) --run-id $(or $(RUN_ID),$$(basename "$$(readlink runs/latest)"))
+
+.PHONY: recover
+recover: setup ## After a reboot or a crash: bring the platform back, verify the data, resume the run
+	$(PLAYBOOK) playbooks/recover-infra.yml $(SWEEP_VARS) $(ANSIBLE_ARGS)
+
 .PHONY: clean
-clean: setup ## Stop every process of the local platform (data in .state/ and runs/ is kept)
-	$(PLAYBOOK) playbooks/cleanup.yml -e ttg_platform=$(PLATFORM) $(ANSIBLE_ARGS)
+clean: setup ## Stop the project's processes (DRY_RUN=1 lists them; CONFIRM=yes skips the question)
+	$(PLAYBOOK) playbooks/cleanup.yml -e ttg_platform=$(PLATFORM) -e ttg_backend=$(BACKEND) \
+	  -e 'cleanup_confirm=$(CONFIRM)' $(if $(DRY_RUN),--check --diff) $(ANSIBLE_ARGS)
+
+.PHONY: bench
+bench: setup ## Measure every backend against the performance targets (runs/bench/latest.json)
+	$(PLAYBOOK) playbooks/bench.yml $(ANSIBLE_ARGS)
+
+.PHONY: manifests
+manifests: setup ## Render kind/aks x redis/rabbitmq/static manifests into build/manifests/ (offline)
+	for p in kind aks; do ansible-playbook -i inventories/$$p playbooks/render-manifests.yml $(ANSIBLE_ARGS); done
 
 ##@ Test
 

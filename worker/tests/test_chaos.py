@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from brokers import free_port, wait_port
 
-from ttg.chaos import FAULTS
+from ttg.chaos import faults_for
 
 pytestmark = pytest.mark.timeout(180)
 BIN = Path(sys.executable).parent
@@ -95,15 +95,16 @@ environment = {env_line},TTG_WORKER_INDEX="%(process_num)d"
             time.sleep(0.1)
 
 
-CASES = [(f, b) for b in ("redis", "static") for f in FAULTS
-         if not (b == "static" and f in ("scale", "kill-after-write"))]
+CASES = [(f, b) for b in ("redis", "static") for f in faults_for(b)]
 
 
 @pytest.mark.parametrize("fault,backend", CASES)
 def test_fault_loses_nothing(fault, backend, tmp_path):
-    env_out = subprocess.run([BIN / "ttg", "chaos-env", "--fault", fault, "--chunk-size", "20",
-                              "--min-idle-ms", "1000"], capture_output=True, text=True)
-    worker_env = json.loads(env_out.stdout)
+    plan = subprocess.run([BIN / "ttg", "chaos-plan", "--fault", fault, "--backend", backend,
+                           "--chunk-size", "20", "--min-idle-ms", "1000"],
+                          capture_output=True, text=True)
+    (step,) = json.loads(plan.stdout)
+    worker_env = step["env"]
     sup = Supervised(tmp_path, backend, 3, worker_env)
     try:
         r = sup.ttg("chaos", "--fault", fault, "--params", "2000", "--chunk-size", "20",

@@ -43,6 +43,24 @@ FAULTS = (
     "scale",
 )
 
+# Static has no queue: nothing to add workers to, and no ack to die before.
+NOT_FOR = {"static": ("scale", "kill-after-write")}
+
+
+def faults_for(backend: str, requested: str | None = None) -> list[str]:
+    """The faults `make chaos` runs: FAULT= (comma-separated) or all that apply."""
+    applicable = [f for f in FAULTS if f not in NOT_FOR.get(backend, ())]
+    if not requested or requested == "all":
+        return applicable
+    chosen = [f.strip() for f in requested.split(",") if f.strip()]
+    for f in chosen:
+        if f not in FAULTS:
+            raise ConfigError(f"unknown fault {f!r}: valid faults are {', '.join(FAULTS)}")
+        if f not in applicable:
+            raise ConfigError(f"fault {f!r} does not apply to the {backend} backend")
+    return chosen
+
+
 # Faults whose setup is in the job itself (task + worker environment), not in a kill.
 TASK_FOR_FAULT = {"poison": "poison", "slow-chunk": "slow"}
 

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=_int, default=0,
                    help="serve the run's progress gauges on this port (0 = off)")
     s.add_argument("--metrics-addr", default=env("TTG_METRICS_ADDR", "127.0.0.1"))
-    s.add_argument("--report", action="store_true",
+    s.add_argument("--report", action=argparse.BooleanOptionalAction, default=False,
                    help="write runs/<id>/report.md and its plots at the end")
 
     st = sub.add_parser("status", parents=[common], help="progress of a run")
@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fleet-program", default="ttg-fleet")
     c.add_argument("--broker-program", default=None, help="default: ttg-<backend's broker>")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--report", action=argparse.BooleanOptionalAction, default=False,
+                   help="write runs/<id>/report.md and its plots at the end")
 
     bn = sub.add_parser("bench", help="measure the backends against the performance targets")
     bn.add_argument("--backends", default="redis,rabbitmq,static")
@@ -168,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--quick", action="store_true", help="a tenth of the sizes (a smoke run)")
     bn.add_argument("--log-level", default="WARNING")
 
-    ce = sub.add_parser("chaos-env", parents=[common, job],
-                        help="print (JSON) the worker environment a fault needs")
-    ce.add_argument("--fault", required=True)
+    ce = sub.add_parser("chaos-plan", parents=[common, job],
+                        help="print (JSON) the faults to run and the worker env each needs")
+    ce.add_argument("--fault", default="all", help="comma-separated, or all that apply")
 
     ct = sub.add_parser("chaos-table", help="fault x backend table of chaos runs")
     ct.add_argument("summaries", nargs="*", type=Path, help="summary.json files")
@@ -282,6 +284,10 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     backend = connect(args)
     summary = run_sweep(backend, spec, args.platform, args.runs_dir, timeout_s=args.timeout,
                         stall_s=args.stall_timeout, during=chaos.run, expect_dead=expect_dead)
+    if args.report:
+        from ttg.report import try_report
+
+        try_report(args.runs_dir / run_id)
     if not args.json:
         print(human(summary))
     print(json.dumps(summary))
@@ -444,13 +450,12 @@ def main(argv: list[str] | None = None) -> int:
             from ttg.report import report_cli
 
             return report_cli(args.run_dir, args.runs_dir)
-        if args.cmd == "chaos-env":
-            from ttg.chaos import FAULTS, worker_env_for
+        if args.cmd == "chaos-plan":
+            from ttg.chaos import faults_for, worker_env_for
 
-            if args.fault not in FAULTS:
-                raise ConfigError(f"unknown fault {args.fault!r}: valid faults are "
-                                  f"{', '.join(FAULTS)}")
-            print(json.dumps(worker_env_for(args.fault, args.chunk_size, args.min_idle_ms)))
+            plan = [{"fault": f, "env": worker_env_for(f, args.chunk_size, args.min_idle_ms)}
+                    for f in faults_for(args.backend, args.fault)]
+            print(json.dumps(plan))
             return 0
         if args.cmd == "bench":
             from ttg import bench

@@ -192,7 +192,16 @@ def human(summary: dict) -> str:
     if summary.get("dead_lettered"):
         lines.append(f"  dead     chunks {summary['dead_lettered'][:20]}")
     for f in summary.get("faults", []):
-        lines.append(f"  fault    {f}")
+        if "error" in f:
+            lines.append(f"  fault    {f.get('type')}: NOT INJECTED: {f['error']}")
+            continue
+        rec = f.get("recovered_s")
+        extra = {k: v for k, v in f.items()
+                 if k not in ("type", "target", "at", "at_progress", "recovered_s")}
+        lines.append(
+            f"  fault    {f.get('type')} {f.get('target', '')} at {f.get('at_progress', 0):.0%}"
+            f" -> {'recovered in %.2f s' % rec if rec is not None else 'no recovery to measure'}"
+            + (f" {extra}" if extra else ""))
     lines.append(f"  verdict  {'OK' if summary['ok'] else 'NOT OK'}")
     return "\n".join(lines)
 
