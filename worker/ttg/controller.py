@@ -196,11 +196,12 @@ def human(summary: dict) -> str:
             lines.append(f"  fault    {f.get('type')}: NOT INJECTED: {f['error']}")
             continue
         rec = f.get("recovered_s")
+        recovery = f"recovered in {rec:.2f} s" if rec is not None else "no recovery to measure"
         extra = {k: v for k, v in f.items()
                  if k not in ("type", "target", "at", "at_progress", "recovered_s")}
         lines.append(
             f"  fault    {f.get('type')} {f.get('target', '')} at {f.get('at_progress', 0):.0%}"
-            f" -> {'recovered in %.2f s' % rec if rec is not None else 'no recovery to measure'}"
+            f" -> {recovery}"
             + (f" {extra}" if extra else ""))
     lines.append(f"  verdict  {'OK' if summary['ok'] else 'NOT OK'}")
     return "\n".join(lines)
