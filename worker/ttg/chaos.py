@@ -217,6 +217,8 @@ class Chaos:
             names = sorted(self.platform.workers())
             for name in names:
                 held = self.b.held_by(self.spec.run_id, name)
+                if held is None:  # the backend cannot tell: any worker will do
+                    return name, []
                 if held:
                     return name, held
             if self.finished():
@@ -269,7 +271,8 @@ class Chaos:
         held = self.b.held_by(self.spec.run_id, victim)
         frac = self.fraction(self.progress()) or frac
         rec = self.record("worker-kill", victim, t, frac, held=held)
-        rec["recovered_s"] = self.await_reclaim(t, held)
+        # held [] = it held nothing at death: nothing had to be recovered
+        rec["recovered_s"] = 0.0 if held == [] else self.await_reclaim(t, held or [])
         return rec
 
     def fault_worker_kill(self) -> list[dict]:
@@ -282,7 +285,10 @@ class Chaos:
         recs: list[dict] = []
         self.wait_until(min(self.at, 0.1))
         while len(recs) < self.max_kills and not self.finished():
-            rec = self._kill_one(self.fraction(self.progress()))
+            frac = self.fraction(self.progress())
+            if frac >= 0.9:  # the tail: too late for a kill to cost anything measurable
+                break
+            rec = self._kill_one(frac)
             if rec is None:
                 break
             rec["type"] = "worker-kill-repeat"

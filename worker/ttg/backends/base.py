@@ -139,9 +139,10 @@ class Backend(abc.ABC):
         dict with `ts` and `kind`, oldest first. Completions are in `results()` instead."""
         return []
 
-    def held_by(self, run_id: str, worker: str) -> list[int]:
-        """Chunks the worker holds now (for chaos: what a kill puts at risk); [] if unknown."""
-        return []
+    def held_by(self, run_id: str, worker: str) -> list[int] | None:
+        """Chunks the worker holds now (for chaos: what a kill puts at risk); None if the
+        backend cannot tell."""
+        return None
 
     @abc.abstractmethod
     def reconcile(self, run_id: str) -> list[int]:

@@ -448,7 +448,7 @@ class RedisStreamsBackend(RedisStore):
             self._renewer.join(timeout=2)
         super().close()
 
-    def held_by(self, run_id: str, worker: str) -> list[int]:
+    def held_by(self, run_id: str, worker: str) -> list[int] | None:
         k = Keys(run_id)
         held = []
         for item in self.r.xpending_range(k.tasks, GROUP, "-", "+", 1000, consumername=worker):

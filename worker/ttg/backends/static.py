@@ -53,12 +53,12 @@ class StaticBackend(RedisStore):
         p.queued = max(spec.chunks_total - p.done - p.dead - p.in_flight, 0)
         return p
 
-    def held_by(self, run_id: str, worker: str) -> list[int]:
+    def held_by(self, run_id: str, worker: str) -> list[int] | None:
         """The first unfinished chunk of the worker's range (`worker-<index>` names)."""
         spec = self.load_spec(run_id)
         index = worker.rpartition("-")[2]
         if spec is None or not index.isdigit() or int(index) >= spec.workers:
-            return []
+            return None
         mine = list(static_range(int(index), spec.workers, spec.chunks_total))
         flags = self.r.hmget(Keys(run_id).results, [str(c) for c in mine]) if mine else []
         return [c for c, f in zip(mine, flags, strict=True) if f is None][:1]
