@@ -100,6 +100,12 @@ class Platform:
 
     def stop(self) -> None:
         run(
-            [tool("ansible-playbook"), "playbooks/cleanup.yml", *self.extra_vars()],
+            [
+                tool("ansible-playbook"),
+                "playbooks/cleanup.yml",
+                "-e",
+                "cleanup_confirm=yes",
+                *self.extra_vars(),
+            ],
             timeout=300,
         )

@@ -54,7 +54,7 @@ def test_make_demo_small_then_clean(platform: Platform) -> None:
     assert (platform.runs_dir / summary["run_id"] / "summary.json").exists()
     assert f"Run {summary['run_id']} ok" in result.stdout  # the verdict line is shown
 
-    cleaned = platform.make("clean", timeout=300)
+    cleaned = platform.make("clean", "CONFIRM=yes", timeout=300)
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
     assert project_pids(platform.state_dir) == []
 
@@ -105,7 +105,13 @@ def test_cleanup_check_mode_lists_and_stops_nothing(platform: Platform) -> None:
     assert "would stop supervisord pid" in dry.stdout and "ttg-redis" in dry.stdout
     assert project_pids(platform.state_dir) == pids
     real = run(
-        [tool("ansible-playbook"), "playbooks/cleanup.yml", *platform.extra_vars()]
+        [
+            tool("ansible-playbook"),
+            "playbooks/cleanup.yml",
+            "-e",
+            "cleanup_confirm=yes",
+            *platform.extra_vars(),
+        ]
     )
     assert real.returncode == 0, real.stdout + real.stderr
     assert project_pids(platform.state_dir) == []
