@@ -266,7 +266,7 @@ def cmd_work(args: argparse.Namespace) -> int:
 
 def cmd_chaos(args: argparse.Namespace) -> int:
     from ttg.chaos import Chaos, LocalPlatform, experiment_spec, worker_env_for
-    from ttg.controller import human, run_sweep
+    from ttg.controller import run_sweep
 
     run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
     spec, expect_dead = experiment_spec(job_spec(args, run_id), args.fault)
@@ -284,10 +284,17 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     backend = connect(args)
     summary = run_sweep(backend, spec, args.platform, args.runs_dir, timeout_s=args.timeout,
                         stall_s=args.stall_timeout, during=chaos.run, expect_dead=expect_dead)
+    return finish_run(args, summary)
+
+
+def finish_run(args: argparse.Namespace, summary: dict) -> int:
+    """The end of `sweep` and `chaos`: the report, the human summary, the JSON, the exit code."""
+    from ttg.controller import human
+
     if args.report:
         from ttg.report import try_report
 
-        try_report(args.runs_dir / run_id)
+        try_report(args.runs_dir / summary["run_id"])
     if not args.json:
         print(human(summary))
     print(json.dumps(summary))
@@ -311,7 +318,7 @@ def cmd_chaos_table(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ttg.controller import human, run_sweep
+    from ttg.controller import run_sweep
 
     run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
     spec = job_spec(args, run_id)
@@ -323,14 +330,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         metrics.serve_controller(args.metrics_port, args.metrics_addr)
     summary = run_sweep(backend, spec, args.platform, args.runs_dir, timeout_s=args.timeout,
                         stall_s=args.stall_timeout, faults=faults)
-    if args.report:
-        from ttg.report import try_report
-
-        try_report(args.runs_dir / run_id)
-    if not args.json:
-        print(human(summary))
-    print(json.dumps(summary))
-    return 0 if summary["ok"] else 1
+    return finish_run(args, summary)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
