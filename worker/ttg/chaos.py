@@ -339,16 +339,24 @@ class Chaos:
         return [rec]
 
     def fault_poison(self) -> list[dict]:
+        """recovered_s: from the chunk's first failure to its dead-lettering, i.e. how long
+        the poison kept circulating before it was set aside with its error."""
         t = time.time()
         param = int(self.worker_env.get("TTG_POISON_PARAM", poison_param(self.spec.chunk_size)))
         chunk = param // self.spec.chunk_size
+        assert self.b is not None
         while time.monotonic() < self.deadline and not self.finished():
-            assert self.b is not None
             if any(d.chunk == chunk for d in self.b.dead_letters(self.spec.run_id)):
                 break
             time.sleep(0.1)
-        return [self.record("poison", f"chunk-{chunk}", t, 0.0, expected_dead=[chunk],
-                            recovered_s=None)]
+        mine = [e for e in self.b.events(self.spec.run_id) if e.get("chunk") == chunk]
+        first_fail = min((float(e["ts"]) for e in mine if e.get("kind") == "retried"),
+                         default=None)
+        dead_at = min((float(e["ts"]) for e in mine if e.get("kind") == "dead_lettered"),
+                      default=None)
+        recovered = round(dead_at - first_fail, 3) if first_fail and dead_at else None
+        return [self.record("poison", f"chunk-{chunk}", first_fail or t, 0.0,
+                            expected_dead=[chunk], recovered_s=recovered)]
 
     def fault_slow_chunk(self) -> list[dict]:
         t = time.time()
@@ -358,8 +366,9 @@ class Chaos:
         assert self.b is not None
         stolen = [e for e in self.b.events(self.spec.run_id)
                   if e.get("kind") == "reclaimed" and e.get("chunk") == 0]
+        # nothing was lost, so there is nothing to recover: 0 unless the chunk was stolen
         return [self.record("slow-chunk", "chunk-0", t, 0.0, slow_s=slow_s,
-                            stolen=len(stolen), recovered_s=None)]
+                            stolen=len(stolen), recovered_s=0.0 if not stolen else None)]
 
     def fault_scale(self) -> list[dict]:
         frac = self.wait_until(min(self.at, 0.5))
