@@ -284,3 +284,145 @@ def test_results_are_first_write_wins(rmq: Env) -> None:
     assert got == {a.chunk: 1.0}
     p = ctl.progress("fw")
     assert (p.done, p.executions, p.duplicates) == (1, 2, 1)
+
+
+# ---- batched publisher confirms ------------------------------------------------------------
+
+
+class _Frame:
+    def __init__(self, method: object) -> None:
+        self.method = method
+
+
+class _Props:
+    def __init__(self, message_id: str) -> None:
+        self.message_id = message_id
+
+
+def test_confirm_tracking_multiple_nack_and_return() -> None:
+    """`_Confirms` settles publishes by sequence number: single and `multiple` acks, nacks,
+    and a returned (unroutable) publish that the broker then acks counts as refused."""
+    from ttg.backends.rabbitmq import _Batch, _Confirms
+
+    conf = _Confirms.__new__(_Confirms)  # no channel: feed it the broker's answers
+    conf.seq, conf.unconfirmed = 0, {}
+    got: list[list[int]] = []
+    batch = _Batch(got.append)
+    for i in range(6):
+        conf.seq += 1
+        conf.unconfirmed[conf.seq] = [batch, i, False]
+        batch.remaining += 1
+    batch.seal()
+    conf._on_confirm(_Frame(pika.spec.Basic.Ack(delivery_tag=2, multiple=True)))  # 1, 2
+    conf._on_confirm(_Frame(pika.spec.Basic.Nack(delivery_tag=3, multiple=False)))  # 3
+    conf._on_return(None, None, _Props("5"), b"")  # 5 unroutable...
+    conf._on_confirm(_Frame(pika.spec.Basic.Ack(delivery_tag=5, multiple=True)))  # ...4, 5
+    assert got == []  # publish 6 is not settled yet: nothing decided
+    conf._on_confirm(_Frame(pika.spec.Basic.Ack(delivery_tag=6, multiple=False)))
+    assert got == [[2, 4]] and conf.unconfirmed == {}  # indices of publishes 3 and 5
+
+
+def _refusing_sink(env: Env, q: str, limit: int) -> None:
+    """A quorum queue that refuses publishes (reject-publish) once `limit` is reached; a
+    quorum queue takes one message over its limit, so it is filled to refuse at once."""
+    ch = channel(env)
+    ch.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum",
+                                                 "x-max-length": limit,
+                                                 "x-overflow": "reject-publish"})
+    ch.confirm_delivery()
+    for _ in range(limit + 1):
+        ch.basic_publish("", q, b"filler", mandatory=True)
+    ch.connection.close()
+
+
+def _worker_writing_results_to(env: Env, run_id: str, sink: str, **kw: object
+                               ) -> RabbitMQBackend:
+    worker = RabbitMQBackend(env.config(prefetch=8, **kw))
+    worker.start_consuming(run_id, "in-test", None)
+
+    class Redirected(Names):
+        @property
+        def results(self) -> str:
+            return sink
+
+    worker.names = Redirected(run_id, worker.names.tiers)
+    return worker
+
+
+@pytest.mark.timeout(60)
+def test_batched_results_refused_raise_and_nothing_is_acked(rmq: Env) -> None:
+    ctl = rmq.make()
+    ctl.submit(spec("bnack", params=40, chunk=10))
+    sink = "ttg.bnack.sink"
+    _refusing_sink(rmq, sink, 0)
+    worker = _worker_writing_results_to(rmq, "bnack", sink, retry_budget_s=2)
+    held = [worker.next_delivery(5) for _ in range(3)]
+    assert all(d is not None for d in held)
+    for d in held:  # one batch: nothing waits here
+        worker.complete(d, Partial.of([1.0]), {"task_s": 0.0})  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    with pytest.raises(PublishRejected):
+        worker.flush()  # refused, retried for the budget, then raised
+    assert 1.5 < time.monotonic() - t0 < 10
+    worker.close()
+    # not one of the chunks was acked: all four are ready again
+    wait_for(lambda: ctl._count(Names("bnack").tasks)[0] == 4, timeout=10,
+             what="every chunk back in the queue")
+
+
+@pytest.mark.timeout(60)
+def test_batched_results_refused_then_accepted_are_acked_after_their_confirms(rmq: Env
+                                                                                ) -> None:
+    ctl = rmq.make()
+    ctl.submit(spec("bretry", params=40, chunk=10))
+    sink = "ttg.bretry.sink"
+    _refusing_sink(rmq, sink, 3)
+    worker = _worker_writing_results_to(rmq, "bretry", sink, retry_budget_s=20)
+    held = [worker.next_delivery(5) for _ in range(3)]
+    assert all(d is not None for d in held)
+    for d in held:
+        worker.complete(d, Partial.of([1.0]), {"task_s": 0.0})  # type: ignore[arg-type]
+    time.sleep(0.5)
+    # refused so far: nothing acked (the 4th chunk is prefetched, so none is ready)
+    assert ctl._count(Names("bretry").tasks)[0] == 0
+    ch = channel(rmq)
+    ch.queue_purge(sink)  # room again: the refused results are published again...
+    ch.connection.close()
+    worker.flush()  # ...confirmed, and only then their chunks acked
+    worker.close()
+    wait_for(lambda: ctl._count(Names("bretry").tasks)[0] == 1, timeout=10,
+             what="only the unstarted chunk back in the queue")
+    ch = channel(rmq)
+    bodies = []
+    while True:
+        method, _props, body = ch.basic_get(sink, auto_ack=True)
+        if method is None:
+            break
+        if body != b"filler":
+            rec = json.loads(body)  # a batch of results is one record: a list
+            bodies += rec if isinstance(rec, list) else [rec]
+    ch.connection.close()
+    assert sorted(b["chunk"] for b in bodies) == sorted(d.chunk for d in held)  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(60)
+def test_events_report_the_reclaim_and_memory_is_best_effort(rmq: Env) -> None:
+    ctl = rmq.make()
+    ctl.submit(spec("ev", params=100, chunk=10, task="slow", work_ms=1))
+    victim = rmq.worker("ev", 0, TTG_SLOW_PARAM="30", TTG_SLOW_S="30")
+    wait_for(lambda: ctl.progress("ev").done >= 3, timeout=30, what="chunks 0-2 done")
+    time.sleep(0.5)  # inside chunk 3
+    killed = time.time()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    rmq.fleet("ev", 2, TTG_SLOW_PARAM="30", TTG_SLOW_S="0")
+    wait(ctl, "ev", timeout_s=45, stall_s=10)
+    ev = [e for e in ctl.events("ev") if e["kind"] == "reclaimed"]
+    assert 3 in {e["chunk"] for e in ev}
+    assert all(killed <= e["ts"] <= time.time() and e["worker"] for e in ev)
+    assert min(e["ts"] for e in ev) - killed < 5  # the broker requeues at once
+    assert ctl.broker_memory_bytes() >= 0  # no management API here: 0, no error
+    gone = RabbitMQBackend(BrokerConfig(url=rmq.broker.url, password="x",
+                                        options={"management_url":
+                                                 f"http://127.0.0.1:{free_port()}"}))
+    assert gone.broker_memory_bytes() == 0

@@ -218,8 +218,8 @@ def broker_config(args: argparse.Namespace) -> BrokerConfig:
             password = Path(args.broker_password_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the broker password file: {exc}") from exc
-    # 0 = the backend's default: Redis sizes its lease batches to ~20 ms of work (auto)
-    prefetch = args.prefetch or (4 if args.backend == "rabbitmq" else 0)
+    # 0 = auto: both queue backends size their batches to about 20 ms of work
+    prefetch = args.prefetch
     if prefetch < 0 or args.min_idle_ms <= 0:
         raise ConfigError("--prefetch must be >= 0 and --min-idle-ms > 0")
     return BrokerConfig(

@@ -1,7 +1,8 @@
 """RabbitMQ backend: quorum work queue, retry tiers, dead-letter queue, results in a stream.
 
 Topology of a run RUN (vhost from the URL, default exchange "" everywhere, so every publish
-is addressed to a queue by name and `mandatory`, and every publish waits for its confirm):
+is addressed to a queue by name and `mandatory`, and every publish is confirmed; confirms are
+tracked by sequence number (`_Confirms`), so publishes are pipelined, not one round trip each):
 
     ttg.RUN.meta       stream   the job: a `spec` record (JobSpec + retry tiers + delivery
                                 limit + submitted_at), then `enqueued` once every chunk is in.
@@ -19,17 +20,29 @@ is addressed to a queue by name and `mandatory`, and every publish waits for its
     ttg.RUN.dlq        quorum   dead letters: worker records {chunk, reason, attempts, worker,
                                 at[, raw]} (max attempts reached, malformed message) and the
                                 broker's delivery-limit dead letters (the task body + x-death).
-    ttg.RUN.results    stream   the run's ledger: `result` records (first per chunk wins, at
-                                read time) and `fail` records (failed attempts), so executions
-                                and task time count every attempt. Readable any number of times.
+    ttg.RUN.results    stream   the run's ledger: `results` records (a worker's batch of chunk
+                                results, a JSON list), `result` records (one), first per chunk
+                                wins at read time; `fail` records (failed attempts, with their
+                                start time and the reclaimed flag), so executions and task time
+                                count every attempt. Readable any number of times; `events()`
+                                derives "reclaimed" (at the redelivered chunk's start) and
+                                "retried" from it, "dead_lettered" from the DLQ.
     ttg.RUN.presence   classic  never published to; each worker consumes it, so its consumer
                                 count is the number of live workers.
 
 Worker: the pika connection lives on its own I/O thread (heartbeats keep flowing during a long
-chunk); deliveries reach the main thread through a queue.Queue; publishes and acks go back with
-`add_callback_threadsafe` and are waited on. The result is published (confirmed) before the
-ack. After a reconnect old delivery tags are dead: the result is still published, the ack is
-skipped and the broker's redelivery is recognised and acked without running it again.
+chunk); deliveries reach the main thread through a queue.Queue; operations go back with
+`add_callback_threadsafe`. Results of consecutive chunks are batched (`_Out`): a batch is
+published as one stream record when it holds `batch_size()` results (about 20 ms of work), when
+the worker has nothing else in hand, or 20 ms after its first result (so a result never waits
+behind a long chunk); the I/O thread acks the batch's deliveries (one `multiple` ack when they
+are the oldest) only once that record is confirmed. The main thread does not wait for it while
+it has work; a refused or lost batch is published again (PublishRejected / BrokerUnavailable
+past the retry budget), its chunks unacked until then. Prefetch: the configured one, or
+(prefetch 0 = auto) two batches' worth, applied by consuming again when the window is full
+(nothing then in flight to be rejected). After a reconnect old delivery tags are dead: the
+result is still published, the ack is skipped and the broker's redelivery is recognised and
+acked without running it again.
 
 Losses: a returned message carries `x-delivery-count`; a worker that takes a redelivered
 (suspect) chunk runs it alone (consumer cancelled, other prefetched chunks handed back without
@@ -37,9 +50,11 @@ a return), so a chunk that kills its worker is charged for it and its neighbours
 `lost` in the body carries the count over a hand-back; attempt + lost > max_attempts is
 dead-lettered by the worker, the broker's delivery limit being the backstop.
 
-Controller: reads the streams to a marker it publishes itself (a stream has no "end"), so
-reads are exact; the results stream is tailed by one long-lived consumer between polls. The
-dead-letter queue is read with basic.get and handed back unacked (replay acks what it moves).
+Controller: submits with PUBLISH_WINDOW publishes unconfirmed at a time (confirmed in
+batches, refused ones published again); reads the streams to a marker it publishes itself (a
+stream has no "end"), so reads are exact; the results stream is tailed by one long-lived
+consumer between polls (acking as it reads: a stream consumer's credit). The dead-letter
+queue is read with basic.get and handed back unacked (replay acks what it moves).
 Retry tiers come from `options["retry_tiers_ms"]` or TTG_RABBITMQ_RETRY_TIERS_MS ("1000,5000,
 25000") of the submitting process and are recorded with the job, so workers agree on them.
 `progress().in_flight` is a conservative estimate: the chunks neither done,
@@ -49,12 +64,18 @@ dead nor ready in tasks/retry queues, counted as in flight while any worker is c
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
 import logging
 import os
 import queue
+import struct
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -79,6 +100,8 @@ T = TypeVar("T")
 DEFAULT_TIERS_MS = (1000, 5000, 25000)
 PERSISTENT = 2
 MARK = "ttg-mark"
+PUBLISH_BATCH = 500  # controller publishes per confirm batch...
+PUBLISH_WINDOW = 4000  # ... and unconfirmed at once
 
 
 class PublishRejected(TTGError):
@@ -156,6 +179,7 @@ class _Ledger:
     retried: int = 0
     reclaimed: int = 0
     task_s: float = 0.0
+    events: list[dict] = field(default_factory=list)  # reclaimed / retried, as read
 
 
 @dataclass
@@ -217,6 +241,15 @@ def _discard(conn: BlockingConnection) -> None:
         pass
 
 
+def _event(kind: str, ts: Any, data: dict, **extra: Any) -> dict:
+    try:
+        at = float(ts) if ts is not None else None
+    except (TypeError, ValueError):
+        at = None
+    return {"ts": at, "kind": kind, "chunk": int(data.get("chunk", -1)),
+            "worker": data.get("worker"), **extra}
+
+
 def _header_int(headers: dict, key: str) -> int:
     try:
         return int(headers.get(key) or 0)
@@ -224,8 +257,176 @@ def _header_int(headers: dict, key: str) -> int:
         return 0
 
 
+def _table(headers: dict) -> bytes | None:
+    """An AMQP field table of str/int values (S, l), or None for anything else."""
+    parts = []
+    for k, v in headers.items():
+        kb = k.encode()
+        if len(kb) > 255 or isinstance(v, bool):
+            return None
+        if isinstance(v, int) and -2**63 <= v < 2**63:
+            parts.append(bytes([len(kb)]) + kb + b"l" + struct.pack(">q", v))
+        elif isinstance(v, str):
+            vb = v.encode()
+            parts.append(bytes([len(kb)]) + kb + b"S" + struct.pack(">I", len(vb)) + vb)
+        else:
+            return None
+    t = b"".join(parts)
+    return struct.pack(">I", len(t)) + t
+
+
+class _Batch:
+    """Publishes confirmed together: `done(failed indices)` runs on the connection's thread
+    once the broker has settled every one of them (ack, nack, or return + ack)."""
+
+    __slots__ = ("remaining", "failed", "done", "sealed")
+
+    def __init__(self, done: Callable[[list[int]], None]) -> None:
+        self.remaining = 0
+        self.failed: list[int] = []
+        self.done = done
+        self.sealed = False
+
+    def settle(self, idx: int, ok: bool) -> None:
+        if not ok:
+            self.failed.append(idx)
+        self.remaining -= 1
+        if self.sealed and self.remaining == 0:
+            self.done(sorted(self.failed))
+
+    def seal(self) -> None:
+        self.sealed = True
+        if self.remaining == 0:
+            self.done(sorted(self.failed))
+
+
+class _Out:
+    """A batch of the worker's results: filled by the main thread, taken (published) once
+    by the connection's thread when full, when the worker has nothing else in hand, or
+    20 ms after its first result (so results never wait behind a long chunk)."""
+
+    __slots__ = ("entries", "tokens", "fut", "taken")
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, bytes, dict]] = []
+        self.tokens: list[tuple[int, int]] = []
+        self.fut: Future = Future()
+        self.taken = False
+
+
+class _Confirms:
+    """Publisher confirms on one channel without a round trip per publish.
+
+    Every publish on the channel goes through `publish`, which numbers it as the broker does
+    (1, 2, ... after confirm.select) and files it under its batch; `Basic.Ack`/`Basic.Nack`
+    (single or `multiple`) settle the publishes they cover; a `Basic.Return` (unroutable,
+    `mandatory`) marks its publish, found by the sequence number carried in `message_id`, as
+    failed when its ack arrives. Callbacks run on the connection's thread.
+    """
+
+    def __init__(self, ch: BlockingChannel) -> None:
+        self.ch = ch
+        self.impl = ch._impl  # noqa: SLF001 - pika's asynchronous channel under the blocking one
+        self.seq = 0
+        self._methods: dict[str, bytes] = {}
+        self.unconfirmed: dict[int, list] = {}  # seq -> [batch, index, returned]; seq order
+        ready: list[bool] = []
+        self.impl.confirm_delivery(ack_nack_callback=self._on_confirm,
+                                   callback=lambda _frame: ready.append(True))
+        self.impl.add_on_return_callback(self._on_return)
+        ch._flush_output(lambda: bool(ready))  # noqa: SLF001 - wait for Confirm.SelectOk
+
+    def publish(self, q: str, body: bytes, headers: dict, batch: _Batch, idx: int) -> None:
+        self.seq += 1
+        self.unconfirmed[self.seq] = [batch, idx, False]
+        batch.remaining += 1
+        self.impl.basic_publish("", q, body, pika.BasicProperties(
+            delivery_mode=PERSISTENT, headers=headers, content_type="application/json",
+            message_id=str(self.seq)), mandatory=True)
+
+    def publish_all(self, entries: list[tuple[str, bytes, dict]], batch: _Batch) -> None:
+        """`publish` each entry, handing their frames to the socket as one buffer.
+
+        pika writes every frame (3 per message) with its own send() and marshals each
+        message through its generic encoders, which together cost ~60 us a message: the
+        messages of this backend (default exchange, mandatory, persistent, JSON, a small
+        table of int/str headers, a message id) are framed here directly (`_frames`),
+        falling back to pika for anything else."""
+        conn = self.impl.connection
+        self.impl._raise_if_not_open()  # noqa: SLF001
+        out: list[bytes] = []
+        conn._adapter_emit_data = out.append  # noqa: SLF001 - instance override, undone below
+        try:
+            for i, (q, body, headers) in enumerate(entries):
+                frames = self._frames(q, body, headers, self.seq + 1)
+                if frames is None:
+                    self.publish(q, body, headers, batch, i)
+                    continue
+                self.seq += 1
+                self.unconfirmed[self.seq] = [batch, i, False]
+                batch.remaining += 1
+                out.append(frames)
+                conn.bytes_sent += len(frames)
+                conn.frames_sent += 3 if body else 2
+        finally:
+            del conn._adapter_emit_data  # noqa: SLF001 - back to the class's method
+            if out:
+                conn._adapter_emit_data(b"".join(out))  # noqa: SLF001
+
+    def _frames(self, q: str, body: bytes, headers: dict, seq: int) -> bytes | None:
+        """The method, header and body frames of one publish (AMQP 0-9-1 section 4.2.3),
+        or None when pika must do it (a large body or an unusual header)."""
+        if len(body) > 65536:
+            return None
+        ch = self.impl.channel_number
+        method = self._methods.get(q)
+        if method is None:
+            qb = q.encode()
+            if len(qb) > 255:
+                return None
+            # Basic.Publish (60, 40): reserved short, exchange "", routing key, mandatory
+            payload = struct.pack(">HHHB", 60, 40, 0, 0) + bytes([len(qb)]) + qb + b"\x01"
+            method = self._methods[q] = (struct.pack(">BHI", 1, ch, len(payload)) + payload
+                                         + b"\xce")
+        table = _table(headers)
+        if table is None:
+            return None
+        mid = str(seq).encode()
+        # content type, headers, delivery mode, message id (property flags 15, 13, 12, 7)
+        props = b"\x10application/json" + table + b"\x02" + bytes([len(mid)]) + mid
+        header = struct.pack(">HHQH", 60, 0, len(body), 0xB080) + props
+        parts = [method, struct.pack(">BHI", 2, ch, len(header)), header, b"\xce"]
+        if body:
+            parts += [struct.pack(">BHI", 3, ch, len(body)), body, b"\xce"]
+        return b"".join(parts)
+
+    def _on_confirm(self, frame: Any) -> None:
+        m = frame.method
+        ok = isinstance(m, pika.spec.Basic.Ack)
+        settled = []
+        if m.multiple:
+            while self.unconfirmed:
+                seq = next(iter(self.unconfirmed))
+                if m.delivery_tag and seq > m.delivery_tag:
+                    break
+                settled.append(self.unconfirmed.pop(seq))
+        elif m.delivery_tag in self.unconfirmed:
+            settled.append(self.unconfirmed.pop(m.delivery_tag))
+        for batch, idx, returned in settled:
+            batch.settle(idx, ok and not returned)
+
+    def _on_return(self, _ch: Any, _method: Any, props: Any, _body: bytes) -> None:
+        try:
+            entry = self.unconfirmed.get(int(props.message_id))
+        except (TypeError, ValueError):
+            return
+        if entry is not None:
+            entry[2] = True
+
+
 class _IOThread(threading.Thread):
-    """Owns the worker's connection: heartbeats, deliveries, reconnects with backoff."""
+    """Owns the worker's connection: heartbeats, deliveries, reconnects with backoff,
+    publisher confirms (`_Confirms`) and the acks that follow them."""
 
     def __init__(self, owner: RabbitMQBackend) -> None:
         super().__init__(name="amqp-io", daemon=True)
@@ -234,11 +435,16 @@ class _IOThread(threading.Thread):
         self.gen = 0
         self.conn: BlockingConnection | None = None
         self.ch: BlockingChannel | None = None
+        self.conf: _Confirms | None = None
         self.ready = threading.Event()
         self.stop = threading.Event()
         self.fatal: TTGError | None = None
         self.want_consume = True
         self.ctag: str | None = None
+        self.unacked: set[int] = set()  # delivery tags of this channel not yet settled
+        self.window: set[int] = set()  # ... of them, delivered to the current consumer
+        self.qos: int | None = None  # the prefetch the current consumer was made with
+        self.want_prefetch = owner.prefetch()
         self._pending: set[Future] = set()
         self._lock = threading.Lock()
 
@@ -255,6 +461,7 @@ class _IOThread(threading.Thread):
                     self.conn.process_data_events(time_limit=0.2)  # type: ignore[union-attr]
                     if self.ch is None or not self.ch.is_open:
                         raise _Lost("the channel was closed by the broker")
+                    self._requalify(self.ch)
             except Exception as exc:  # noqa: BLE001 - every failure ends in a reconnect
                 self.ready.clear()
                 self._drop(exc)
@@ -281,9 +488,9 @@ class _IOThread(threading.Thread):
         o = self.owner
         self.conn = o.connect()
         ch = self.conn.channel()
-        ch.confirm_delivery()
         o.declare_topology(ch)
-        ch.basic_qos(prefetch_count=max(o.config.prefetch, 1))
+        self.conf = _Confirms(ch)
+        self.unacked, self.window, self.qos = set(), set(), None
         self.gen += 1
         self.ch = ch
         ch.basic_consume(o.names.presence, on_message_callback=lambda *a: None)
@@ -292,12 +499,103 @@ class _IOThread(threading.Thread):
 
     def consume(self, ch: BlockingChannel) -> None:
         gen = self.gen
+        if self.qos != self.want_prefetch:
+            ch.basic_qos(prefetch_count=self.want_prefetch)
+            self.qos = self.want_prefetch
 
         def on_message(_ch: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
+            self.unacked.add(method.delivery_tag)
+            self.window.add(method.delivery_tag)
             self.inbox.put(_Raw(gen, method.delivery_tag, bool(method.redelivered),
                                 dict(props.headers or {}), body))
 
+        self.window = set()
         self.ctag = ch.basic_consume(self.owner.names.tasks, on_message_callback=on_message)
+
+    def _requalify(self, ch: BlockingChannel) -> None:
+        """Apply a new prefetch (a consumer keeps the one it was made with): cancel and
+        consume again, but only while the consumer's window is full, so that no delivery
+        is in flight to be rejected (a rejection would count as a delivery)."""
+        if (self.ctag is None or not self.want_consume or self.qos == self.want_prefetch
+                or self.qos is None or len(self.window) < self.qos):
+            return
+        ch.basic_cancel(self.ctag)
+        self.ctag = None
+        self.consume(ch)
+
+    def ack_tags(self, tags: list[int]) -> None:
+        """Ack on this thread, one `multiple` ack when the tags are the oldest unsettled."""
+        if self.ch is None:
+            return
+        tags = sorted(t for t in set(tags) if t in self.unacked)
+        if not tags:
+            return
+        top = tags[-1]
+        impl = self.ch._impl  # noqa: SLF001 - no blocking flush inside a confirm callback
+        if sum(1 for t in self.unacked if t <= top) == len(tags):
+            impl.basic_ack(top, multiple=True)
+        else:
+            for t in tags:
+                impl.basic_ack(t)
+        self.unacked.difference_update(tags)
+        self.window.difference_update(tags)
+
+    def nack_tag(self, tag: int) -> None:
+        if self.ch is not None and tag in self.unacked:
+            self.ch._impl.basic_nack(tag, requeue=True)  # noqa: SLF001
+            self.unacked.discard(tag)
+            self.window.discard(tag)
+
+    def start_batch(self, entries: list[tuple[str, bytes, dict]],
+                    tokens: list[tuple[int, int]], fut: Future) -> None:
+        """Publish `entries` (no wait); once all are confirmed ack `tokens` (those of this
+        connection), then resolve `fut` with the indices of refused entries (acking
+        nothing if there are any). Runs on this thread."""
+        assert self.conf is not None
+        gen = self.gen
+        with self._lock:
+            self._pending.add(fut)
+
+        def done(failed: list[int]) -> None:
+            if not failed and self.gen == gen:
+                self.ack_tags([tag for g, tag in tokens if g == gen])
+            with self._lock:
+                self._pending.discard(fut)
+            if not fut.done():
+                fut.set_result(failed)
+
+        batch = _Batch(done)
+        self.conf.publish_all(entries, batch)
+        batch.seal()
+
+    def take(self, out: _Out) -> None:
+        """Publish a batch of results (on this thread), once."""
+        with self._lock:
+            if out.taken:
+                return
+            out.taken = True
+        if self.conf is None:
+            if not out.fut.done():
+                out.fut.set_exception(_Lost("not connected"))
+            return
+        if len(out.entries) > 1:  # one stream record for the batch: one write, one confirm
+            out.entries = [(out.entries[0][0], b"[" + b",".join(e[1] for e in out.entries)
+                            + b"]", {"k": "results", "n": len(out.entries)})]
+        self.start_batch(out.entries, out.tokens, out.fut)
+
+    def post(self, fn: Callable[[], None], out: _Out) -> None:
+        """Run fn on this thread soon; a batch that cannot be posted fails (it is retried)."""
+        conn = self.conn
+        try:
+            if conn is None:
+                raise _Lost("not connected")
+            conn.add_callback_threadsafe(fn)
+        except Exception as exc:  # noqa: BLE001 - the connection is gone: publish again later
+            with self._lock:
+                out.taken = True
+                self._pending.discard(out.fut)
+            if not out.fut.done():
+                out.fut.set_exception(_Lost(f"{exc.__class__.__name__}: {exc}"))
 
     def _drop(self, exc: BaseException) -> None:
         with self._lock:
@@ -305,7 +603,7 @@ class _IOThread(threading.Thread):
         for fut in pending:
             if not fut.done():
                 fut.set_exception(_Lost(f"{exc.__class__.__name__}: {exc}"))
-        conn, self.conn, self.ch, self.ctag = self.conn, None, None, None
+        conn, self.conn, self.ch, self.ctag, self.conf = self.conn, None, None, None, None
         if conn is not None and conn.is_open:
             try:
                 conn.close()
@@ -369,10 +667,19 @@ class _Tail:
         ch = self.conn.channel()
         ch.basic_qos(prefetch_count=2000)
 
+        unacked = [0]
+
         def on_message(_ch: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
             headers = dict(props.headers or {})
             self.last_tag = method.delivery_tag
             self.buffer.append((_header_int(headers, "x-stream-offset"), headers, body))
+            # a stream consumer gets credit back only by acking: ack as records come, or a
+            # read of more records than the prefetch never reaches its marker
+            unacked[0] += 1
+            if unacked[0] >= 500:
+                ch.basic_ack(method.delivery_tag, multiple=True)
+                unacked[0] = 0
+                self.last_tag = 0
 
         ch.basic_consume(self.q, on_message_callback=on_message,
                          arguments={"x-stream-offset": start})
@@ -416,6 +723,7 @@ class RabbitMQBackend(Backend):
         self.tiers_ms = _tiers_from(config.options)
         self._conn: BlockingConnection | None = None
         self._ch: BlockingChannel | None = None
+        self._pconf: _Confirms | None = None
         self._ledgers: dict[str, _Ledger] = {}
         self._recs: dict[str, dict] = {}
         self._tails: dict[str, _Tail] = {}
@@ -431,6 +739,9 @@ class RabbitMQBackend(Backend):
         self._handled: set[tuple[int, int]] = set()
         self._acked: set[tuple[int, int]] = set()
         self._isolated = False
+        self._open_out: _Out | None = None
+        self._unsettled: deque[_Out] = deque()
+        self._ewma_task_s: float | None = None
         self._kill_between = os.environ.get("TTG_TEST_KILL_BETWEEN_WRITE_AND_ACK") == "1"
 
     # ---- connections --------------------------------------------------------------------
@@ -494,7 +805,7 @@ class RabbitMQBackend(Backend):
         return self._ch
 
     def _reset(self) -> None:
-        conn, self._conn, self._ch = self._conn, None, None
+        conn, self._conn, self._ch, self._pconf = self._conn, None, None, None
         if conn is not None:
             try:
                 if conn.is_open:
@@ -544,6 +855,11 @@ class RabbitMQBackend(Backend):
 
     def close(self) -> None:
         if self.io is not None:
+            if not self.io.fatal and self._unsettled:
+                try:
+                    self.flush()
+                except Exception as exc:  # noqa: BLE001 - unacked chunks are redelivered
+                    log.warning("could not write the last results at exit: %s", exc)
             self.io.stop.set()
             self.io.join(timeout=5)
             self.io = None
@@ -722,16 +1038,95 @@ class RabbitMQBackend(Backend):
     def _enqueue(self, spec: JobSpec, chunks: Any) -> None:
         n = Names(spec.run_id)
 
-        def publish_all(ch: BlockingChannel, todo: list[int]) -> None:
-            while todo:
-                chunk = todo[0]
+        def items() -> Iterator[tuple[str, bytes, dict]]:
+            for chunk in chunks:
                 s, e = spec.bounds(chunk)
-                self._publish(ch, n.tasks, json.dumps({"c": chunk, "s": s, "e": e, "a": 1}),
-                              {"chunk": chunk})
-                todo.pop(0)
+                yield (n.tasks, json.dumps({"c": chunk, "s": s, "e": e, "a": 1}).encode(),
+                       {"chunk": chunk})
 
-        todo = list(chunks)
-        self._ctl(lambda ch: publish_all(ch, todo), "enqueue chunks")
+        self._publish_many(items(), "enqueue chunks")
+
+    def _publish_many(self, items: Iterator[tuple[str, bytes, dict]], what: str) -> int:
+        """Publish on the controller connection with confirms, WINDOW messages in flight
+        (batches of BATCH), instead of a round trip per message. Refused (nacked or
+        returned) publishes are published again until the retry budget is spent
+        (PublishRejected); after a lost connection every unconfirmed one is published
+        again on a new one (a duplicate task only costs a redundant execution)."""
+        source = iter(items)
+        todo: deque[tuple[str, bytes, dict]] = deque()
+        outstanding: dict[int, list] = {}
+        settled: list[tuple[int, list[int]]] = []
+        deadline = time.monotonic() + self.config.retry_budget_s
+        delay, refused_since, sent, bid = 0.1, None, 0, 0
+        conf: _Confirms | None = None
+        while True:
+            try:
+                if conf is None:
+                    conf = self._confirm_channel()
+                while len(outstanding) * PUBLISH_BATCH < PUBLISH_WINDOW:
+                    part = [todo.popleft() for _ in range(min(len(todo), PUBLISH_BATCH))]
+                    part += [x for _, x in zip(range(PUBLISH_BATCH - len(part)), source,
+                                               strict=False)]
+                    if not part:
+                        break
+                    bid += 1
+                    batch = _Batch(lambda failed, b=bid: settled.append((b, failed)))
+                    outstanding[bid] = part
+                    conf.publish_all(part, batch)
+                    batch.seal()
+                if not outstanding:
+                    return sent
+                timer = self._conn.call_later(  # type: ignore[union-attr]
+                    max(deadline - time.monotonic(), 0.5), lambda: settled.append((0, [])))
+                conf.ch._flush_output(lambda: bool(settled))  # noqa: SLF001
+                self._conn.remove_timeout(timer)  # type: ignore[union-attr]
+                for b, failed in settled:
+                    if b == 0:
+                        raise BrokerUnavailable(f"{what}: no publisher confirm for "
+                                                f"{self.config.retry_budget_s:.0f}s")
+                    part = outstanding.pop(b)
+                    sent += len(part) - len(failed)
+                    if failed:
+                        now = time.monotonic()
+                        refused_since = refused_since or now
+                        if now - refused_since > self.config.retry_budget_s:
+                            raise PublishRejected(f"{what}: the broker refused {len(failed)} "
+                                                  "publish(es) past the retry budget")
+                        log.warning("%s: %d publish(es) refused, publishing them again",
+                                    what, len(failed))
+                        time.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+                        todo.extend(part[i] for i in failed)
+                    else:
+                        refused_since, delay = None, 0.1
+                settled.clear()
+            except (TTGError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if _is_auth(exc):
+                    raise self.auth_error(exc) from None
+                if not isinstance(exc, (*RETRYABLE, pex.ChannelClosedByBroker)):
+                    raise
+                for b in sorted(outstanding):
+                    todo.extend(outstanding[b])
+                outstanding.clear()
+                settled.clear()
+                conf = None
+                self._reset()
+                if time.monotonic() + delay > deadline:
+                    raise BrokerUnavailable(f"rabbitmq at {_redacted(self.config.url)}: {what} "
+                                            f"failed for {self.config.retry_budget_s:.0f}s: "
+                                            f"{exc}") from None
+                log.warning("%s failed (%s), reconnecting", what, exc.__class__.__name__)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _confirm_channel(self) -> _Confirms:
+        """A channel of the controller connection with tracked (windowed) confirms."""
+        self._channel()
+        if self._pconf is None or not self._pconf.ch.is_open:
+            self._pconf = _Confirms(self._conn.channel())  # type: ignore[union-attr]
+        return self._pconf
 
     def _ledger(self, run_id: str) -> _Ledger:
         led = self._ledgers.setdefault(run_id, _Ledger())
@@ -742,16 +1137,76 @@ class RabbitMQBackend(Backend):
                 data = json.loads(body)
             except ValueError:
                 continue
-            if kind == "result":
-                led.results += 1
-                led.done.add(int(headers.get("chunk", data.get("chunk", -1))))
-                led.task_s += float(data.get("task_s", 0.0))
-                led.reclaimed += 1 if data.get("reclaimed") else 0
+            if kind in ("result", "results"):
+                for rec in (data if kind == "results" else [data]):
+                    led.results += 1
+                    led.done.add(int(rec.get("chunk", -1)))
+                    led.task_s += float(rec.get("task_s", 0.0))
+                    if rec.get("reclaimed"):
+                        led.reclaimed += 1
+                        led.events.append(_event("reclaimed", rec.get("started"), rec))
             elif kind == "fail":
                 led.fails += 1
                 led.task_s += float(data.get("task_s", 0.0))
                 led.retried += 1 if data.get("outcome") == "retried" else 0
+                if data.get("reclaimed"):
+                    led.events.append(_event("reclaimed", data.get("started"), data))
+                if data.get("outcome") == "retried":
+                    led.events.append(_event("retried", data.get("at"), data,
+                                             attempt=data.get("attempt"),
+                                             error=data.get("err")))
         return led
+
+    def events(self, run_id: str) -> list[dict]:
+        """Reclaimed chunks (a redelivered chunk's result or failure record, at the time it
+        started running again), retries (at the failure) and dead letters (at the time
+        they were dead-lettered, when known), oldest first."""
+        if self._rec(run_id) is None:
+            return []
+        led = self._ledger(run_id)
+        out = [e for e in led.events if e["ts"] is not None]
+        for d in self._dead_cached(run_id):
+            if d.at is not None:
+                out.append({"ts": float(d.at), "kind": "dead_lettered", "chunk": d.chunk,
+                            "worker": d.worker, "attempts": d.attempts, "reason": d.reason})
+        return sorted(out, key=lambda e: e["ts"])
+
+    def broker_memory_bytes(self) -> int:
+        """The node's memory (`mem_used` of /api/nodes, management API), or, for a user
+        without the `monitoring` tag, the memory of the vhost's queues (a lower bound);
+        0 if the management API cannot be reached. Its URL: options["management_url"] or
+        TTG_RABBITMQ_MANAGEMENT_URL, else http://<AMQP host>:<AMQP port + 10000>."""
+        base = (self.config.options.get("management_url")
+                or os.environ.get("TTG_RABBITMQ_MANAGEMENT_URL"))
+        if not base:
+            host = self.params.host
+            base = f"http://{host}:{(self.params.port or 5672) + 10000}"
+        base = base.rstrip("/")
+        creds = self.params.credentials
+        auth = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+
+        def get(path: str) -> Any:
+            req = urllib.request.Request(base + path,
+                                         headers={"Authorization": f"Basic {auth}"})
+            with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - http(s) only
+                return json.load(resp)
+
+        if not base.startswith(("http://", "https://")):
+            return 0
+        try:
+            nodes = get("/api/nodes?columns=name,mem_used")
+            return int(sum(int(n.get("mem_used") or 0) for n in nodes))
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (401, 403):
+                return 0
+        except (OSError, ValueError):
+            return 0
+        try:  # a `management` user may not read the nodes: its vhost's queues instead
+            vhost = urllib.parse.quote(self.params.virtual_host, safe="")
+            queues = get(f"/api/queues/{vhost}?columns=name,memory")
+            return int(sum(int(q.get("memory") or 0) for q in queues))
+        except (OSError, ValueError):
+            return 0
 
     def _tail_records(self, run_id: str, start: int | str) -> list[tuple[int, dict, bytes]]:
         q = Names(run_id).results
@@ -773,14 +1228,21 @@ class RabbitMQBackend(Backend):
     def results(self, run_id: str) -> Iterator[tuple[int, Partial, dict]]:
         seen: set[int] = set()
         for _o, headers, body in self._stream_records(Names(run_id).results):
-            if headers.get("k") != "result":
-                continue
-            chunk = _header_int(headers, "chunk")
-            if chunk in seen:
-                continue
-            seen.add(chunk)
-            partial, meta = decode_result(body)
-            yield chunk, partial, meta
+            kind = headers.get("k")
+            if kind == "result":
+                chunk = _header_int(headers, "chunk")
+                if chunk in seen:
+                    continue
+                seen.add(chunk)
+                partial, meta = decode_result(body)
+                yield chunk, partial, meta
+            elif kind == "results":  # a batch: one record per chunk, in order
+                for meta in json.loads(body):
+                    chunk = int(meta.get("chunk", -1))
+                    if chunk in seen:
+                        continue
+                    seen.add(chunk)
+                    yield chunk, Partial.from_dict(meta), meta
 
     def _read_dlq(self, run_id: str, take: Callable[[DeadLetter, BlockingChannel, int], bool]
                   | None = None) -> list[DeadLetter]:
@@ -843,8 +1305,12 @@ class RabbitMQBackend(Backend):
             chunk = int(data.get("c", -1))
         except (TypeError, ValueError):
             chunk = -1
+        at = deaths[0].get("time")
+        if hasattr(at, "timestamp"):
+            at = at.replace(tzinfo=at.tzinfo or datetime.timezone.utc).timestamp()
         return DeadLetter(chunk=chunk, reason=text,
                           attempts=int(data.get("a", 1) or 1) + max(lost, 0),
+                          at=float(at) if isinstance(at, (int, float)) else None,
                           raw=None if chunk >= 0 else body[:2000].decode("utf-8", "replace"))
 
     def dead_letters(self, run_id: str) -> list[DeadLetter]:
@@ -1016,47 +1482,141 @@ class RabbitMQBackend(Backend):
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    def _publish_op(self, q: str, body: str, headers: dict, what: str) -> None:
-        self._op(lambda ch: self._publish(ch, q, body, headers), what)
+    # Results of consecutive short chunks are published together and confirmed together;
+    # their deliveries are acked (one `multiple` ack) by the connection's thread once every
+    # result of the batch is confirmed, never before. One batch is in flight while the
+    # next one runs; `flush()` waits for both.
+
+    def _begin(self, entries: list[tuple[str, bytes, dict]], tokens: list[tuple[int, int]]
+               ) -> Future:
+        io = self._io()
+        fut: Future = Future()
+        io.call(lambda _ch: io.start_batch(entries, tokens, fut), timeout=10)
+        return fut
+
+    def _confirmed(self, entries: list[tuple[str, bytes, dict]],
+                   tokens: list[tuple[int, int]], what: str, fut: Future | None = None,
+                   ) -> None:
+        """Publish `entries` (or await `fut`, their batch already started) until every one
+        is confirmed, then ack `tokens`. Refused publishes are published again until the
+        retry budget is spent (PublishRejected); publishes whose confirm was lost with the
+        connection are published again once reconnected (BrokerUnavailable past the
+        budget). Nothing is acked unless all of `entries` are confirmed."""
+        io = self._io()
+        deadline = time.monotonic() + self.config.retry_budget_s
+        delay = 0.1
+        todo = entries
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if fut is None:
+                    if remaining <= 0:
+                        raise BrokerUnavailable(f"{what}: broker unavailable for "
+                                                f"{self.config.retry_budget_s:.0f}s")
+                    io.ready.wait(remaining)
+                    if io.fatal:
+                        raise io.fatal
+                    fut = self._begin(todo, tokens)
+                failed = fut.result(timeout=max(remaining, 1.0))
+                if not failed:
+                    return
+                todo = [todo[i] for i in failed]
+                if time.monotonic() + delay > deadline:
+                    raise PublishRejected(f"{what}: the broker refused {len(todo)} publish(es) "
+                                          f"for {self.config.retry_budget_s:.0f}s")
+                log.warning("%s: %d publish(es) refused: retrying in %.1fs", what, len(todo),
+                            delay)
+            except FutureTimeout:
+                raise BrokerUnavailable(f"{what}: no publisher confirm for "
+                                        f"{self.config.retry_budget_s:.0f}s") from None
+            except RETRYABLE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise BrokerUnavailable(f"{what}: broker unavailable for "
+                                            f"{self.config.retry_budget_s:.0f}s") from None
+                log.info("%s: %s: waiting for the reconnect", what, exc.__class__.__name__)
+            fut = None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _token(self, token: tuple[int, int]) -> list[tuple[int, int]]:
+        """[token] the first time a delivery is acked, [] after (never acked twice)."""
+        if token in self._acked:
+            return []
+        self._acked.add(token)
+        return [token]
+
+    def _add_result(self, entry: tuple[str, bytes, dict], tokens: list[tuple[int, int]],
+                    send_now: bool) -> None:
+        io = self._io()
+        self._reap()
+        out, new = self._open_out, False
+        with io._lock:  # noqa: SLF001 - shared with `take` on the connection's thread
+            if out is None or out.taken:
+                out, new = _Out(), True
+                io._pending.add(out.fut)  # noqa: SLF001 - failed by a reconnect
+            out.entries.append(entry)
+            out.tokens += tokens
+        if new:
+            self._open_out = out
+            self._unsettled.append(out)
+            conn = io.conn
+            io.post(lambda: conn.call_later(0.02, lambda: io.take(out)), out)  # type: ignore[union-attr]
+        if send_now or len(out.entries) >= self.batch_size():
+            self._send_open()
+        while len(self._unsettled) > 16:  # bounded (the prefetch bounds it already)
+            self._settle_one()
+
+    def _send_open(self) -> None:
+        """Have the open batch published now (its acks follow its confirms, on the
+        connection's thread: nobody waits here)."""
+        out, self._open_out = self._open_out, None
+        if out is not None:
+            io = self._io()
+            io.post(lambda: io.take(out), out)
+
+    def _reap(self) -> None:
+        """Settle the batches already confirmed (or refused, or lost: published again)."""
+        while self._unsettled and self._unsettled[0].fut.done():
+            self._settle_one()
+
+    def _settle_one(self) -> None:
+        """Wait for the oldest batch: confirmed and acked, or published again."""
+        out = self._unsettled.popleft()
+        if out is self._open_out:
+            self._open_out = None
+            self._io().post(lambda: self._io().take(out), out)
+        self._confirmed(out.entries, out.tokens, "write the results", fut=out.fut)
+
+    def flush(self) -> None:
+        if self.io is None:
+            return
+        while self._unsettled:
+            self._settle_one()
 
     def _ack(self, d: Delivery) -> None:
-        gen, tag = d.token
-        io = self._io()
-        if d.token in self._acked:
+        tokens = self._token(d.token)
+        if not tokens:
             return
-        self._acked.add(d.token)
-        if gen != io.gen:
+        if d.token[0] != self._io().gen:
             log.info("delivery from before a reconnect: not acked (the broker requeued it; "
                      "the copy will be recognised)", extra={"chunk": d.chunk})
             return
-
-        def ack(ch: BlockingChannel) -> None:
-            if io.gen == gen:
-                ch.basic_ack(tag)
-
         try:
-            io.call(ack, timeout=10)
-        except RETRYABLE:
+            self._confirmed([], tokens, "ack")
+        except TTGError:
             log.info("ack lost with the connection: the copy will be recognised",
                      extra={"chunk": d.chunk})
 
-    def _ack_raw(self, raw: _Raw) -> None:
-        io = self._io()
-        if raw.gen != io.gen:
-            return
-        try:
-            io.call(lambda ch: ch.basic_ack(raw.tag) if io.gen == raw.gen else None,
-                    timeout=10)
-        except RETRYABLE:
-            pass
-
-    def _dead_letter(self, chunk: int, reason: str, attempts: int, raw: str = "") -> None:
+    def _dead_letter(self, chunk: int, reason: str, attempts: int, raw: str = "",
+                     token: tuple[int, int] | None = None) -> None:
+        """Publish a dead-letter record, then (confirmed) ack `token`."""
         rec = {"chunk": chunk, "reason": reason[:2000], "attempts": attempts,
                "worker": self.worker_id, "at": round(time.time(), 3)}
         if raw:
             rec["raw"] = raw[:2000]
-        self._publish_op(self.names.dlq, json.dumps(rec), {"k": "dead", "chunk": chunk},
-                         "dead-letter")
+        self._confirmed([(self.names.dlq, json.dumps(rec).encode(),
+                          {"k": "dead", "chunk": chunk})],
+                        self._token(token) if token else [], "dead-letter")
 
     def _parse(self, raw: _Raw) -> Delivery | None:
         """A Delivery, or None after dead-lettering a malformed message."""
@@ -1079,8 +1639,8 @@ class RabbitMQBackend(Backend):
             except Exception:  # noqa: BLE001 - no chunk id to report
                 chunk = -1
             log.error("dead-lettering a message: %s", reason)
-            self._dead_letter(chunk, reason, 0, raw=text)
-            self._ack_raw(raw)
+            token = (raw.gen, raw.tag) if raw.gen == self._io().gen else None
+            self._dead_letter(chunk, reason, 0, raw=text, token=token)
             return None
         lost += _header_int(raw.headers, "x-delivery-count")
         d = Delivery(self.spec.run_id, chunk, start, end, attempt, token=(raw.gen, raw.tag),
@@ -1092,7 +1652,10 @@ class RabbitMQBackend(Backend):
     def _fill(self, timeout_s: float) -> bool:
         io = self._io()
         try:
-            self._held.append(io.inbox.get(timeout=max(timeout_s, 0.0)))
+            if timeout_s <= 0:
+                self._held.append(io.inbox.get_nowait())
+            else:
+                self._held.append(io.inbox.get(timeout=timeout_s))
         except queue.Empty:
             return False
         while True:
@@ -1106,10 +1669,14 @@ class RabbitMQBackend(Backend):
         deadline = time.monotonic() + timeout_s
         while True:
             io = self._io()
-            if not self._held and not self._fill(deadline - time.monotonic()):
-                if io.fatal:
-                    raise io.fatal
-                return None
+            if not self._held and not self._fill(0.0):
+                self._send_open()  # results out before waiting: their acks free the window
+                self._reap()
+                if not self._fill(deadline - time.monotonic()):
+                    self.flush()  # idle: every result confirmed and acked
+                    if io.fatal:
+                        raise io.fatal
+                    return None
             raw = self._held.popleft()
             if raw.gen != io.gen:
                 continue  # its channel is gone: the broker has requeued it
@@ -1121,6 +1688,7 @@ class RabbitMQBackend(Backend):
                                 or (d.chunk, d.attempt) in self._handled):
                 log.info("redelivered copy of a chunk handled here: acked, not run",
                          extra={"chunk": d.chunk})
+                self.flush()  # its result is confirmed before the copy is acked
                 self._ack(d)
                 continue
             if d.attempt + lost > self.spec.max_attempts:
@@ -1128,43 +1696,43 @@ class RabbitMQBackend(Backend):
                 if d.last_error:
                     reason += f"; last error: {d.last_error}"
                 log.error("dead-lettering: %s", reason, extra={"chunk": d.chunk})
-                self._dead_letter(d.chunk, reason, d.attempt + lost)
-                self._ack(d)
+                self._dead_letter(d.chunk, reason, d.attempt + lost, token=d.token)
                 continue
             if lost > 0:
                 self._isolate(d)
             return d
 
-    def _hand_back(self, raw: _Raw) -> None:
-        """Give a held, unstarted message back without counting a return: republish it
-        (its losses carried in `lost`), then ack the original."""
+    def _hand_back(self, raws: list[_Raw]) -> None:
+        """Give held, unstarted messages back without counting a return: republish them
+        (their losses carried in `lost`), then ack the originals once confirmed."""
         io = self._io()
-        if raw.gen != io.gen:
+        entries, tokens = [], []
+        for raw in raws:
+            if raw.gen != io.gen:
+                continue  # the broker has requeued it with its channel
+            try:
+                data = json.loads(raw.body)
+                if not isinstance(data, dict):
+                    raise ValueError
+                data["lost"] = int(data.get("lost", 0) or 0) + _header_int(
+                    raw.headers, "x-delivery-count")
+                body = json.dumps(data).encode()
+            except (ValueError, TypeError):
+                body = raw.body
+            headers = {"chunk": raw.headers["chunk"]} if "chunk" in raw.headers else {}
+            entries.append((self.names.tasks, body, headers))
+            tokens += self._token((raw.gen, raw.tag))
+        if not entries:
             return
         try:
-            data = json.loads(raw.body)
-            if not isinstance(data, dict):
-                raise ValueError
-            data["lost"] = int(data.get("lost", 0) or 0) + _header_int(raw.headers,
-                                                                       "x-delivery-count")
-            body = json.dumps(data)
-        except (ValueError, TypeError):
-            body = raw.body.decode("utf-8", "replace")
-
-        def give(ch: BlockingChannel) -> None:
-            if io.gen != raw.gen:
-                return
-            headers = {"chunk": raw.headers["chunk"]} if "chunk" in raw.headers else {}
-            self._publish(ch, self.names.tasks, body, headers)
-            ch.basic_ack(raw.tag)
-
-        try:
-            self._op(give, "hand back")
+            self._confirmed(entries, tokens, "hand back")
         except PublishRejected:
-            io.call(lambda ch: ch.basic_nack(raw.tag, requeue=True), timeout=10)
+            for gen, tag in tokens:
+                self._acked.discard((gen, tag))
+                io.call(lambda _ch, g=gen, t=tag: io.nack_tag(t) if io.gen == g else None,
+                        timeout=10)
 
-    def _isolate(self, d: Delivery) -> None:
-        """Run a redelivered chunk alone: stop consuming, hand the rest back."""
+    def _cancel(self, what: str) -> None:
         io = self._io()
         io.want_consume = False
 
@@ -1173,13 +1741,18 @@ class RabbitMQBackend(Backend):
                 ch.basic_cancel(io.ctag)
                 io.ctag = None
 
+        self._op(cancel, what)
+
+    def _isolate(self, d: Delivery) -> None:
+        """Run a redelivered chunk alone: stop consuming, hand the rest back."""
+        self.flush()
         try:
-            self._op(cancel, "pause consuming")
+            self._cancel("pause consuming")
         except RETRYABLE:
             pass
         self._fill(0.0)
-        while self._held:
-            self._hand_back(self._held.popleft())
+        held, self._held = list(self._held), deque()
+        self._hand_back(held)
         self._isolated = True
         log.info("redelivered chunk (lost its worker %d time(s)): running it alone",
                  d.lost, extra={"chunk": d.chunk})  # type: ignore[attr-defined]
@@ -1187,6 +1760,7 @@ class RabbitMQBackend(Backend):
     def _resume(self) -> None:
         if not self._isolated:
             return
+        self.flush()  # the suspect's result is confirmed and acked before consuming again
         self._isolated = False
         io = self._io()
         io.want_consume = True
@@ -1197,40 +1771,82 @@ class RabbitMQBackend(Backend):
 
         self._op(consume, "resume consuming")
 
+    # ---- prefetch and batch sizes -------------------------------------------------------
+    def batch_size(self) -> int:
+        """Results per confirm round trip: half the configured prefetch, or (prefetch 0 =
+        auto) as many chunks as take about 20 ms of work, 1 to 64."""
+        if self.config.prefetch > 0:
+            return max(1, self.config.prefetch // 2)
+        if self._ewma_task_s is None:
+            return 1
+        return max(1, min(64, int(0.02 / max(self._ewma_task_s, 1e-6))))
+
+    def prefetch(self) -> int:
+        """The prefetch: configured, or (0 = auto) two batches, so that the next batch is
+        already here while one is being confirmed; chunks of 20 ms and more come two at a
+        time (one running, one waiting), so a kill strands little work."""
+        if self.config.prefetch > 0:
+            return self.config.prefetch
+        if self._ewma_task_s is None and self.spec is not None and self.spec.work_ms > 0:
+            guess = self.spec.chunk_size * self.spec.work_ms / 1000.0
+            return 2 * max(1, min(64, int(0.02 / guess)))
+        if self._ewma_task_s is None:
+            return 4
+        return 2 * self.batch_size()
+
     def complete(self, delivery: Delivery, partial: Partial, meta: dict) -> bool:
         d = delivery
+        task_s = float(meta.get("task_s", 0.0))
+        self._ewma_task_s = task_s if self._ewma_task_s is None else (
+            0.8 * self._ewma_task_s + 0.2 * task_s)
         extra = {"reclaimed": True} if d.reclaimed else {}
         body = encode_result(partial, chunk=d.chunk, **meta, **extra)
-        self._publish_op(self.names.results, body, {"k": "result", "chunk": d.chunk},
-                         "write the result")
+        entry = (self.names.results, body.encode() if isinstance(body, str) else body,
+                 {"k": "result", "chunk": d.chunk})
         new = d.chunk not in self._completed
         self._completed.add(d.chunk)
-        if self._kill_between:
+        if self._kill_between:  # test hook: die once the result is confirmed, before the ack
+            self.flush()
+            self._confirmed([entry], [], "write the result")
             os._exit(137)
-        self._ack(d)
-        self._resume()
+        io = self._io()
+        if self.config.prefetch == 0:
+            io.want_prefetch = self.prefetch()
+        self._add_result(entry, self._token(d.token),
+                         send_now=self._isolated or not (self._held or io.inbox.qsize()))
+        if self._isolated:
+            self._resume()
         return new
 
     def fail(self, delivery: Delivery, error: str, task_s: float = 0.0) -> str:
         assert self.spec is not None
         d = delivery
+        self.flush()
         lost = getattr(d, "lost", 0)
         dead = d.attempt >= self.spec.max_attempts
         outcome = "dead" if dead else "retried"
+        now = time.time()
         rec = {"chunk": d.chunk, "attempt": d.attempt, "task_s": round(task_s, 6),
-               "err": error[:2000], "outcome": outcome, "worker": self.worker_id}
-        self._publish_op(self.names.results, json.dumps(rec), {"k": "fail", "chunk": d.chunk},
-                         "record the failure")
+               "err": error[:2000], "outcome": outcome, "worker": self.worker_id,
+               "started": round(now - task_s, 6), "at": round(now, 6)}
+        if d.reclaimed:
+            rec["reclaimed"] = True
+        entries = [(self.names.results, json.dumps(rec).encode(),
+                    {"k": "fail", "chunk": d.chunk})]
         if dead:
-            self._dead_letter(d.chunk, error, d.attempt + lost)
+            drec = {"chunk": d.chunk, "reason": error[:2000], "attempts": d.attempt + lost,
+                    "worker": self.worker_id, "at": round(now, 3)}
+            entries.append((self.names.dlq, json.dumps(drec).encode(),
+                            {"k": "dead", "chunk": d.chunk}))
         else:
             tiers = self.topology.tiers_ms
             tier = self.names.tier(min(d.attempt, len(tiers)) - 1)
             body = json.dumps({"c": d.chunk, "s": d.start, "e": d.end, "a": d.attempt + 1,
                                "err": error[:2000], "lost": lost})
-            self._publish_op(tier, body, {"chunk": d.chunk}, "retry")
+            entries.append((tier, body.encode(), {"chunk": d.chunk}))
+        tokens = self._token(d.token) if d.token[0] == self._io().gen else []
+        self._confirmed(entries, tokens, "record the failure")
         self._handled.add((d.chunk, d.attempt))
-        self._ack(d)
         self._resume()
         return outcome
 
@@ -1239,33 +1855,32 @@ class RabbitMQBackend(Backend):
         body = getattr(delivery, "body", None)
         raw = _Raw(gen, tag, delivery.reclaimed, {"chunk": delivery.chunk},
                    json.dumps({**(body or {}), "lost": getattr(delivery, "lost", 0)}).encode())
-        self._hand_back(raw)
+        self._hand_back([raw])
         self._isolated = False
 
     def release_prefetched(self) -> None:
         if self.io is None or self.io.fatal:
             return
-        io = self.io
-        io.want_consume = False
-
-        def cancel(ch: BlockingChannel) -> None:
-            if io.ctag is not None:
-                ch.basic_cancel(io.ctag)
-                io.ctag = None
-
         try:
-            self._op(cancel, "stop consuming")
+            self.flush()
+            self._cancel("stop consuming")
             self._fill(0.0)
-            while self._held:
-                self._hand_back(self._held.popleft())
+            held, self._held = list(self._held), deque()
+            self._hand_back(held)
         except TTGError as exc:
             log.warning("could not hand back prefetched chunks (%s): the broker will", exc)
 
     def finished_for_me(self) -> bool:
         assert self.spec is not None
+        self.flush()
+        if not self._io().ready.is_set():
+            return False  # reconnecting: the connection's thread decides when to give up
         try:
             led = self._ledger(self.spec.run_id)
             dead = {d.chunk for d in self._dead_cached(self.spec.run_id)} - led.done
+        except BrokerUnavailable as exc:
+            log.warning("could not read the run's progress (%s): not finished yet", exc)
+            return False
         finally:  # no idle main-thread connection while chunks run (missed heartbeats)
             for tail in self._tails.values():
                 tail.close()
