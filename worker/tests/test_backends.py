@@ -116,3 +116,13 @@ def test_sigterm_finishes_the_chunk_and_exits_zero(any_backend):
     p = b.progress("term")
     assert p.done == 4 and p.executions == 4  # nothing ran twice
     b.close()
+
+
+def test_purge_removes_the_run_from_the_broker(any_backend):
+    b = any_backend.make()
+    b.submit(spec("gone", params=50, chunk=10))
+    assert b.load_spec("gone") is not None
+    b.purge("gone")
+    assert b.load_spec("gone") is None
+    assert b.submit(spec("gone", params=50, chunk=10)) is True  # the id is free again
+    b.close()

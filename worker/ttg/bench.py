@@ -164,6 +164,7 @@ def sweep(target: Target, runs_dir: Path, params: int, chunk: int, task: str, wo
         summary = run_sweep(backend, spec, "local", runs_dir, stall_s=30,
                             reporter=_quiet_reporter(spec),
                             during=during(fleet, spec) if callable(during) else None)
+        backend.purge(run_id)  # each experiment starts from an empty broker
     finally:
         fleet.wait()
         backend.close()

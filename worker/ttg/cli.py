@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--export", type=Path, help="write per-chunk partials to this file")
     a.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
 
+    sub.add_parser("purge", parents=[common],
+                   help="delete a finished run's data from the broker (its summary stays)")
+
     sub.add_parser("reconcile", parents=[common],
                    help="re-enqueue chunks neither done, queued, in flight nor dead")
 
@@ -441,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
             created = connect(args).submit(spec)
             print(f"{'submitted' if created else 'already submitted'}: run {run_id}, "
                   f"{spec.chunks_total} chunks")
+            return 0
+        if args.cmd == "purge":
+            run_id = need_run_id(args)
+            connect(args).purge(run_id)
+            print(f"purged run {run_id} from the {args.backend} broker")
             return 0
         if args.cmd == "reconcile":
             missing = connect(args).reconcile(need_run_id(args))

@@ -144,6 +144,9 @@ class Backend(abc.ABC):
         backend cannot tell."""
         return None
 
+    def purge(self, run_id: str) -> None:  # noqa: B027 - optional hook
+        """Delete the run's data from the broker (after its summary is written)."""
+
     @abc.abstractmethod
     def reconcile(self, run_id: str) -> list[int]:
         """Re-enqueue chunks neither done, queued, in flight nor dead; return them."""

@@ -813,6 +813,16 @@ class RabbitMQBackend(Backend):
             except Exception:  # noqa: BLE001 - closing a broken connection
                 pass
 
+    def purge(self, run_id: str) -> None:
+        rec = self._rec(run_id)
+        tiers = len(rec["tiers_ms"]) if rec else len(self.tiers_ms)
+        n = Names(run_id, tiers)
+        for q in [n.tasks, n.dlq, n.results, n.presence, n.meta,
+                  *(n.tier(i) for i in range(tiers))]:
+            self._ctl(lambda ch, q=q: ch.queue_delete(q), f"delete {q}")
+        for cache in (self._ledgers, self._recs, self._tails, self._dlq_cache):
+            cache.pop(run_id, None)
+
     def _ctl(self, fn: Callable[[BlockingChannel], T], what: str = "operation") -> T:
         """Run fn on the controller-side connection (this thread), reconnecting on failure."""
         deadline = time.monotonic() + self.config.retry_budget_s

@@ -217,6 +217,11 @@ class RedisStore(Backend):
             return False
         return True
 
+    def purge(self, run_id: str) -> None:
+        k = Keys(run_id)
+        self.retrying(lambda: self.r.delete(k.meta, k.tasks, k.results, k.dlq, k.stats,
+                                            k.workers, k.go, k.attempts, k.events))
+
     def submitted_at(self, run_id: str) -> float | None:
         value = self.r.hget(Keys(run_id).meta, "submitted_at")
         return float(value) if value else None
