@@ -98,12 +98,13 @@ class Fleet:
     def stop_added(self, handle: object, sig: int) -> int | None:
         raise NotImplementedError
 
-    def wait(self, timeout: float = 600) -> None:
+    def wait(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         for p in self.procs.values():
             try:
                 p.wait(timeout=max(deadline - time.monotonic(), 1))
             except subprocess.TimeoutExpired:
+                log.error("worker %d did not leave the finished run: killed", p.pid)
                 p.kill()
                 p.wait()
 
@@ -164,10 +165,14 @@ def sweep(target: Target, runs_dir: Path, params: int, chunk: int, task: str, wo
         summary = run_sweep(backend, spec, "local", runs_dir, stall_s=30,
                             reporter=_quiet_reporter(spec),
                             during=during(fleet, spec) if callable(during) else None)
-        backend.purge(run_id)  # each experiment starts from an empty broker
     finally:
         fleet.wait()
         backend.close()
+    # each experiment starts from an empty broker; only once the fleet has left the run
+    # (a worker waits for the run to be complete, and a purged run never is)
+    backend = get_backend(target.backend, target.config())
+    backend.purge(run_id)
+    backend.close()
     return summary
 
 
