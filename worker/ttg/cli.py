@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a sweep with one fault injected, measured and verified")
     c.add_argument("--fault", required=True, help="one of: " + ", ".join(FAULTS))
     c.add_argument("--at", type=_float, default=0.3, help="progress at which to strike")
-    c.add_argument("--interval", type=_float, default=2.0, help="worker-kill-repeat period")
+    c.add_argument("--interval", type=_float, default=1.0, help="worker-kill-repeat period")
     c.add_argument("--platform", default=env("TTG_PLATFORM", "local"))
     c.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")))
     c.add_argument("--timeout", type=_float, default=900.0)
