@@ -138,6 +138,8 @@ class StaticBackend(RedisStore):
             return "dead"
         self._retry_attempt[delivery.chunk] = delivery.attempt + 1
         self._todo.appendleft(delivery.chunk)
+        self.event("retried", chunk=delivery.chunk, attempt=delivery.attempt + 1,
+                   error=error[:500])
         stats = self.keys.stats
         self.batch(lambda p: (p.hincrby(stats, "retried", 1), p.hincrby(stats, "executions", 1),
                               p.hincrbyfloat(stats, "task_s", task_s)), transaction=True)
