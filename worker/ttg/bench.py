@@ -155,12 +155,10 @@ class BrokerMemory:
 
 
 def sweep(target: Target, runs_dir: Path, params: int, chunk: int, task: str, work_ms: float,
-          workers: int = 3, during: object = None, fleet_out: list | None = None) -> dict:
+          workers: int = 3, during: object = None) -> dict:
     run_id = "bench-" + new_run_id()
     spec = JobSpec(run_id, params, chunk, task, work_ms, workers).validate()
     fleet = Fleet(target, run_id, workers)
-    if fleet_out is not None:
-        fleet_out.append(fleet)
     backend = get_backend(target.backend, target.config())
     try:
         backend.check()

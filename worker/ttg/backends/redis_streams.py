@@ -248,7 +248,7 @@ class RedisStreamsBackend(RedisStore):
         """A Delivery, or None after dead-lettering a malformed entry."""
         assert self.spec is not None
         if not fields:  # deleted while pending: nothing left to do
-            self.r.xack(self.keys.tasks, GROUP, entry_id)
+            self.retrying(lambda: self.r.xack(self.keys.tasks, GROUP, entry_id))
             return None
         try:
             chunk = int(fields["c"])
