@@ -22,6 +22,7 @@ from ttg.errors import TTGError
 from ttg.partial import Aggregator
 from ttg.progress import Reporter
 from ttg.sweep import JobSpec, reference_expected_sum
+from ttg.tasks import REFERENCE_VALUED
 
 log = logging.getLogger("ttg.controller")
 
@@ -94,7 +95,7 @@ def expected_result(spec: JobSpec, expect_dead: list[int]) -> tuple[int, float |
     """The count and (for the reference formula, or faults built on it) the exact sum of the
     chunks that should be done: all but the ones expected to be dead-lettered."""
     count, total = spec.params, None
-    if spec.task in ("reference", "poison", "crash", "slow"):
+    if spec.task in REFERENCE_VALUED:
         total = reference_expected_sum(spec.params)
     for chunk in expect_dead:
         start, end = spec.bounds(chunk)
