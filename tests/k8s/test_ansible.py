@@ -184,3 +184,78 @@ def test_kind_config_renders(tmp_path: Path) -> None:
     assert [n["role"] for n in config["nodes"]] == ["control-plane"] + ["worker"] * 3
     assert {n["image"] for n in config["nodes"]} == {"kindest/node:v1.32.2"}
     assert all(n.get("labels") for n in config["nodes"])
+
+
+def _dead_cluster(tmp_path: Path) -> list[str]:
+    """-e arguments pointing the kind inventory at an API server that is not there (a closed
+    loopback port): a play that reaches the cluster fails at its first API call."""
+    (tmp_path / "state").mkdir()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "dead", "cluster": {"server": "https://127.0.0.1:9"}}],
+                "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "u"}}],
+                "current-context": "dead",
+                "users": [{"name": "u", "user": {"token": "none"}}],
+            }
+        )
+    )
+    return [
+        "-e", f"ttg_state_dir={tmp_path / 'state'}",
+        "-e", f"ttg_runs_dir={tmp_path / 'runs'}",
+        "-e", f"ttg_kubeconfig={kubeconfig}",
+        "-e", "ttg_kube_context=dead",
+    ]  # fmt: skip
+
+
+def test_sweep_on_kind_goes_to_the_cluster_not_to_supervisord(tmp_path: Path) -> None:
+    """playbooks/sweep.yml with the kind inventory: the k8s_app fleet and sweep entry points,
+    never the local fleet role (whose supervisord program would be written to the state dir)."""
+    result = run(
+        [tool("ansible-playbook"), "-i", "inventories/kind", "playbooks/sweep.yml",
+         *_dead_cluster(tmp_path)],
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Start the worker fleet in the cluster" in result.stdout
+    assert "Apply the manifests of the stage fleet" in result.stdout
+    assert "127.0.0.1', port=9" in result.stdout.replace("''", "'")
+    assert "supervisord" not in result.stdout
+    assert not (tmp_path / "state" / "supervisor").exists()
+
+
+def test_chaos_on_kind_runs_the_fault_through_the_cluster(tmp_path: Path) -> None:
+    """The chaos role with the kind inventory plans the fault locally, then goes to the
+    cluster with the fault's hooks (k8s_app fleet with the worker env), not to supervisord."""
+    book = tmp_path / "chaos.yml"
+    book.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "chaos on kind",
+                    "hosts": "ttg_controller",
+                    "gather_facts": False,
+                    "roles": [
+                        {
+                            "role": "chaos",
+                            "vars": {"chaos_run_prefix": "kt", "chaos_faults": "poison"},
+                        }
+                    ],
+                }
+            ]
+        )
+    )
+    result = run(
+        [tool("ansible-playbook"), "-v", "-i", "inventories/kind", str(book),
+         *_dead_cluster(tmp_path)],
+        ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert '"fault": "poison", "env": {"TTG_POISON_PARAM"' in result.stdout
+    assert "Start the workers in the cluster, with the fault's hooks" in result.stdout
+    assert "Apply the manifests of the stage fleet" in result.stdout
+    assert not (tmp_path / "state" / "supervisor").exists()

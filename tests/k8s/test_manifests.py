@@ -21,7 +21,9 @@ from .helpers import (
     tool,
 )
 
-VARIANTS = [f"{p}/{b}{x}" for p in PLATFORMS for b in BACKENDS for x in ("", "-extras")]
+VARIANTS = [
+    f"{p}/{b}{x}" for p in PLATFORMS for b in BACKENDS for x in ("", "-extras", "-chaos")
+]
 SCHEMAS = Path(__file__).parent / "schemas"
 PLACEHOLDER = "rendered-offline-not-a-secret"
 BASE = [
@@ -30,7 +32,7 @@ BASE = [
     "02-networkpolicies.yml",
     "03-broker.yml",
     "04-workers.yml",
-    "08-sweep-job.yml",
+    "09-sweep-job.yml",
 ]
 
 
@@ -45,6 +47,8 @@ def test_every_platform_backend_and_variant_is_rendered(manifests: dict) -> None
         expected = set(BASE) | ({"05-pdb.yml"} if queue else set())
         if variant.endswith("-extras"):
             expected |= {"07-podmonitor.yml"} | ({"06-keda.yml"} if queue else set())
+        if variant.endswith("-chaos"):
+            expected |= {"08-chaos-access.yml"}
         assert set(files) == expected, variant
 
 
@@ -131,7 +135,10 @@ def test_pods_are_restricted(manifests: dict, variant: str) -> None:
             and not spec.get("hostPID")
             and not spec.get("hostIPC")
         )
-        assert spec.get("automountServiceAccountToken") is False, where
+        # Only the chaos Job talks to the API (its own ServiceAccount and Role).
+        chaos = spec.get("serviceAccountName") == "ttg-chaos"
+        assert spec.get("automountServiceAccountToken") is chaos, where
+        assert not chaos or variant.endswith("-chaos"), where
         for vol in spec.get("volumes", []):
             allowed = {
                 "name",
@@ -375,11 +382,14 @@ def test_workers(manifests: dict, variant: str) -> None:
 def test_sweep_runs_in_cluster_with_the_worker_image(
     manifests: dict, variant: str
 ) -> None:
-    job = manifests[variant]["08-sweep-job.yml"][0]
+    job = manifests[variant]["09-sweep-job.yml"][0]
     workers = manifests[variant]["04-workers.yml"][0]
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["image"] == workers["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert c["args"][:2] == ["sweep", "--json"]
+    if variant.endswith("-chaos"):
+        assert c["args"][:6] == ["chaos", "--fault", "poison", "--at", "0.3", "--json"]
+    else:
+        assert c["args"][:2] == ["sweep", "--json"]
     assert c["args"][c["args"].index("--platform") + 1] == variant.split("/")[0]
     assert job["spec"]["activeDeadlineSeconds"] > 0
 
@@ -398,3 +408,47 @@ def test_aks_uses_the_registry_image(manifests: dict) -> None:
         kind["image"] == "ttg-worker:0.1.0"
         and kind["imagePullPolicy"] == "IfNotPresent"
     )
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.endswith("-chaos")])
+def test_chaos_has_only_the_access_it_needs(manifests: dict, variant: str) -> None:
+    """`make chaos` on Kubernetes: the in-cluster `ttg chaos` Job alone gets an API token, its
+    Role grants exactly the verbs the faults use in the namespace, the API server is the
+    only new egress, and the fault's hook reaches the workers' environment."""
+    access = {d["kind"]: d for d in manifests[variant]["08-chaos-access.yml"]}
+    assert set(access) == {"ServiceAccount", "Role", "RoleBinding", "NetworkPolicy"}
+    assert access["ServiceAccount"]["automountServiceAccountToken"] is False
+    rules = {
+        (r["apiGroups"][0], res): (set(r["verbs"]), tuple(r.get("resourceNames", [])))
+        for r in access["Role"]["rules"]
+        for res in r["resources"]
+    }
+    assert rules == {
+        ("", "pods"): ({"get", "list", "delete", "create"}, ()),
+        ("apps", "deployments"): ({"get"}, ("ttg-workers",)),
+        ("apps", "deployments/scale"): ({"get", "patch"}, ("ttg-workers",)),
+    }
+    binding = access["RoleBinding"]
+    assert binding["roleRef"]["name"] == "ttg-chaos"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ttg-chaos", "namespace": "ttg"}
+    ]
+    pol = access["NetworkPolicy"]["spec"]
+    assert pol["policyTypes"] == ["Egress"]
+    assert {p["port"] for r in pol["egress"] for p in r["ports"]} == {443, 6443}
+    job = manifests[variant]["09-sweep-job.yml"][0]
+    tmpl = job["spec"]["template"]
+    assert tmpl["spec"]["serviceAccountName"] == "ttg-chaos"
+    assert all(
+        tmpl["metadata"]["labels"].get(k) == v
+        for k, v in pol["podSelector"]["matchLabels"].items()
+    )
+    env = {e["name"]: e for e in tmpl["spec"]["containers"][0]["env"]}
+    assert env["TTG_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    workers = manifests[variant]["04-workers.yml"][0]["spec"]["template"]["spec"]
+    wenv = {e["name"]: e.get("value") for e in workers["containers"][0]["env"]}
+    assert wenv["TTG_POISON_PARAM"] == "300"
+    # the plain variant of the same backend has none of it
+    plain = manifests[variant.removesuffix("-chaos")]
+    assert "08-chaos-access.yml" not in plain
+    assert "TTG_POISON_PARAM" not in json.dumps(plain["04-workers.yml"])

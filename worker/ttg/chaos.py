@@ -5,7 +5,11 @@ a *platform* that knows how to find, kill and add workers and how to kill the br
 
 - `LocalPlatform`: the local platform's supervisord (`supervisorctl status` gives the PIDs;
   kills are real signals; supervisord restarts what dies, as a Deployment/StatefulSet would).
-- `KubePlatform`: pods of the run, found by label; a kill is a pod delete with grace 0.
+- `KubePlatform`: pods of the run, found by label through the Kubernetes API (`ttg.kube`,
+  in-cluster); a kill is a pod delete with grace 0 (`kubectl delete --grace-period=0 --force`:
+  the pod is gone from the API at once, its controller starts a replacement, and the kubelet
+  stops the container); the broker is its StatefulSet's pod (its PVC survives); scaling is the
+  Deployment's scale subresource.
 
 Each fault returns records `{type, target, at, at_progress, recovered_s, ...}`. `recovered_s`
 is measured from the fault until the affected work was running again: a `reclaimed` event for
@@ -88,7 +92,11 @@ class Platform(Protocol):
     def kill_broker(self) -> None:
         """SIGKILL the broker; its supervisor restarts it."""
 
-    def add_worker(self, name: str, env: dict[str, str]) -> object: ...
+    def add_worker(self, name: str, env: dict[str, str]) -> object:
+        """One more worker of the run (with `env` on top of the fleet's environment)."""
+
+    def wait_added(self, handle: object) -> int | None:
+        """Wait for an added worker to end by itself; its exit code (None if unknown)."""
 
     def stop_added(self, handle: object, sig: int) -> int | None: ...
 
@@ -153,15 +161,139 @@ class LocalPlatform:
             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 
-    def stop_added(self, handle: object, sig: int) -> int | None:
+    def wait_added(self, handle: object) -> int | None:
         assert isinstance(handle, subprocess.Popen)
-        if handle.poll() is None:
-            handle.send_signal(sig)
         try:
             return handle.wait(timeout=120)
         except subprocess.TimeoutExpired:
             handle.kill()
             return None
+
+    def stop_added(self, handle: object, sig: int) -> int | None:
+        assert isinstance(handle, subprocess.Popen)
+        if handle.poll() is None:
+            handle.send_signal(sig)
+        return self.wait_added(handle)
+
+
+class KubePlatform:
+    """Kubernetes (kind, aks): the run's worker pods, the broker's StatefulSet pod, the
+    workers' Deployment, through the API with the ttg-chaos service account (its Role allows
+    exactly these verbs in the project's namespace). Workers are named as the backend knows
+    them: the pod name (queue backends: TTG_WORKER_ID is the pod name), `worker-<index>` for
+    the static backend's Indexed Job pods."""
+
+    ARMED = "ttg.io/chaos-armed"
+    INDEX = "batch.kubernetes.io/job-completion-index"
+
+    def __init__(self, api: object, run_id: str, deployment: str = "ttg-workers",
+                 worker_selector: str = "app.kubernetes.io/component=worker,"
+                                        "app.kubernetes.io/part-of=ttg",
+                 broker_selector: str = "app.kubernetes.io/component=broker,"
+                                        "app.kubernetes.io/part-of=ttg",
+                 poll_s: float = 0.5, wait_s: float = 120.0) -> None:
+        from ttg.kube import KubeApi
+
+        assert isinstance(api, KubeApi)
+        self.api = api
+        self.run_id = run_id
+        self.deployment = deployment
+        self.worker_selector = f"{worker_selector},ttg.io/run-id={run_id},!{self.ARMED}"
+        self.broker_selector = broker_selector
+        self.poll_s = poll_s
+        self.wait_s = wait_s
+        self._pods: dict[str, str] = {}
+        self._cached_at = 0.0
+
+    def _name(self, pod: dict) -> str:
+        meta = pod["metadata"]
+        index = (meta.get("labels") or {}).get(self.INDEX) or (
+            meta.get("annotations") or {}).get(self.INDEX)
+        return f"worker-{index}" if index is not None else meta["name"]
+
+    def workers(self) -> dict[str, int]:
+        """Running, not terminating worker pods of the run (cached for a second, like the
+        local platform: one API call per strike, not per poll)."""
+        now = time.monotonic()
+        if now - self._cached_at > 1.0:
+            pods = self.api.list_pods(self.worker_selector)
+            self._pods = {self._name(p): p["metadata"]["name"] for p in pods
+                          if p.get("status", {}).get("phase") == "Running"
+                          and not p["metadata"].get("deletionTimestamp")}
+            self._cached_at = now
+        return {name: 0 for name in self._pods}
+
+    def kill_worker(self, name: str, sig: int) -> None:
+        """SIGKILL: delete with grace 0; SIGTERM: delete with the pod's own grace period (the
+        kubelet sends SIGTERM, the worker finishes or hands back the chunk in hand)."""
+        self.workers()
+        pod = self._pods.get(name)
+        if pod is None:
+            raise ConfigError(f"worker {name} is not running")
+        self.api.delete_pod(pod, 0 if sig == signal.SIGKILL else None)
+        self._cached_at = 0.0
+
+    def kill_broker(self) -> None:
+        pods = self.api.list_pods(self.broker_selector)
+        if not pods:
+            raise ConfigError(f"no broker pod matches {self.broker_selector}")
+        for pod in pods:
+            self.api.delete_pod(pod["metadata"]["name"], 0)
+
+    def add_worker(self, name: str, env: dict[str, str]) -> object:
+        """No extra environment: one more replica of the Deployment (a real scale-up). With
+        one (an armed worker): a bare pod from the Deployment's pod template, labelled so
+        that it is not counted as a fleet worker and cleaned up with the project."""
+        if not env:
+            current = self.api.read_deployment(self.deployment)["spec"].get("replicas", 1)
+            self.api.scale_deployment(self.deployment, int(current) + 1)
+            return ("replica", None)
+        template = self.api.read_deployment(self.deployment)["spec"]["template"]
+        # Not the Deployment's instance label: its ReplicaSet would adopt the pod otherwise.
+        labels = {**template["metadata"].get("labels", {}), self.ARMED: "true",
+                  "app.kubernetes.io/instance": "ttg-chaos-armed"}
+        spec = dict(template["spec"], restartPolicy="Never")
+        containers = []
+        for c in spec["containers"]:
+            kept = [e for e in c.get("env", []) if e["name"] not in env]
+            extra = [{"name": k, "value": v} for k, v in {**env, "TTG_EXIT_WHEN_DONE": "1"}
+                     .items()]
+            containers.append({**c, "env": kept + extra})
+        spec["containers"] = containers
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"generateName": f"ttg-{name}-", "labels": labels},
+               "spec": spec}
+        created = self.api.create_pod(pod)
+        return ("pod", created["metadata"]["name"])
+
+    def wait_added(self, handle: object) -> int | None:
+        kind, pod = handle  # type: ignore[misc]
+        if kind != "pod":
+            return None
+        deadline = time.monotonic() + self.wait_s
+        code = None
+        while time.monotonic() < deadline:
+            p = self.api.read_pod(pod)
+            if p is None:
+                break
+            for cs in p.get("status", {}).get("containerStatuses", []) or []:
+                done = (cs.get("state") or {}).get("terminated")
+                if done:
+                    code = int(done.get("exitCode", -1))
+            if code is not None or p.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+                break
+            time.sleep(self.poll_s)
+        self.api.delete_pod(pod, 0)
+        return code
+
+    def stop_added(self, handle: object, sig: int) -> int | None:
+        kind, pod = handle  # type: ignore[misc]
+        if kind == "replica":
+            current = self.api.read_deployment(self.deployment)["spec"].get("replicas", 1)
+            self.api.scale_deployment(self.deployment, max(int(current) - 1, 0))
+            return None  # the ReplicaSet picks the pod; its SIGTERM path is graceful-stop's
+        self.api.delete_pod(pod, 0 if sig == signal.SIGKILL else None)
+        return self.wait_added(handle)
 
 
 @dataclass
@@ -305,7 +437,7 @@ class Chaos:
         env = {"TTG_TEST_KILL_AFTER_WRITE": "1", "TTG_TEST_KILL_BETWEEN_WRITE_AND_ACK": "1"}
         t = time.time()
         handle = self.platform.add_worker("armed-0", env)
-        rc = _wait(handle)
+        rc = self.platform.wait_added(handle)
         rec = self.record("kill-after-write", "armed-0", t, frac, exit_code=rc)
         # no reclaim at all = nothing was left un-acked (Redis writes and acks together)
         rec["recovered_s"] = self.await_reclaim(t, []) or 0.0
@@ -382,15 +514,6 @@ class Chaos:
         recs.append(self.record("scale-down", "-2 workers", t_down, frac, exit_codes=codes,
                                 recovered_s=0.0))
         return recs
-
-
-def _wait(handle: object) -> int | None:
-    assert isinstance(handle, subprocess.Popen)
-    try:
-        return handle.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        handle.kill()
-        return None
 
 
 def experiment_spec(spec: JobSpec, fault: str) -> tuple[JobSpec, list[int]]:

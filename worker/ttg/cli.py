@@ -18,7 +18,7 @@ from pathlib import Path
 from ttg import log as tlog
 from ttg.backends import BACKENDS, get_backend
 from ttg.backends.base import Backend, BrokerConfig
-from ttg.chaos import FAULTS
+from ttg.chaos import FAULTS, Platform
 from ttg.errors import ConfigError, TTGError
 from ttg.sweep import JobSpec, check_run_id, new_run_id
 
@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--supervisorctl", default=env("TTG_SUPERVISORCTL", "supervisorctl"))
     c.add_argument("--fleet-program", default="ttg-fleet")
     c.add_argument("--broker-program", default=None, help="default: ttg-<backend's broker>")
+    c.add_argument("--namespace", default=env("TTG_NAMESPACE"),
+                   help="kind/aks: the project's namespace (default: the pod's own)")
+    c.add_argument("--workers-deployment", default="ttg-workers",
+                   help="kind/aks: the workers' Deployment (scale fault, armed worker)")
     c.add_argument("--json", action="store_true")
     c.add_argument("--report", action=argparse.BooleanOptionalAction, default=False,
                    help="write runs/<id>/report.md and its plots at the end")
@@ -268,18 +272,12 @@ def cmd_work(args: argparse.Namespace) -> int:
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    from ttg.chaos import Chaos, LocalPlatform, experiment_spec, worker_env_for
+    from ttg.chaos import Chaos, experiment_spec, worker_env_for
     from ttg.controller import run_sweep
 
     run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
     spec, expect_dead = experiment_spec(job_spec(args, run_id), args.fault)
-    if args.platform != "local":
-        raise ConfigError(f"chaos on platform {args.platform!r} is not implemented yet")
-    if not args.supervisor_config:
-        raise ConfigError("the local platform needs --supervisor-config (TTG_SUPERVISOR_CONFIG)")
-    broker = args.broker_program or ("ttg-rabbitmq" if args.backend == "rabbitmq" else "ttg-redis")
-    platform = LocalPlatform(args.supervisorctl, args.supervisor_config, args.fleet_program,
-                             broker)
+    platform = chaos_platform(args, run_id)
     config = broker_config(args)
     chaos = Chaos(args.fault, spec, platform, lambda: get_backend(args.backend, config),
                   at=args.at, interval_s=args.interval,
@@ -288,6 +286,27 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     summary = run_sweep(backend, spec, args.platform, args.runs_dir, timeout_s=args.timeout,
                         stall_s=args.stall_timeout, during=chaos.run, expect_dead=expect_dead)
     return finish_run(args, summary)
+
+
+def chaos_platform(args: argparse.Namespace, run_id: str) -> Platform:
+    """The platform a fault is injected on: supervisord's processes (local) or the run's pods
+    through the Kubernetes API (kind, aks: `ttg chaos` runs in-cluster as a Job)."""
+    from ttg.chaos import KubePlatform, LocalPlatform
+
+    if args.platform == "local":
+        if not args.supervisor_config:
+            raise ConfigError(
+                "the local platform needs --supervisor-config (TTG_SUPERVISOR_CONFIG)")
+        broker = args.broker_program or (
+            "ttg-rabbitmq" if args.backend == "rabbitmq" else "ttg-redis")
+        return LocalPlatform(args.supervisorctl, args.supervisor_config, args.fleet_program,
+                             broker)
+    if args.platform in ("kind", "aks"):
+        from ttg.kube import KubeApi
+
+        return KubePlatform(KubeApi.in_cluster(args.namespace), run_id,
+                            deployment=args.workers_deployment)
+    raise ConfigError(f"unknown platform {args.platform!r}: valid platforms are local, kind, aks")
 
 
 def finish_run(args: argparse.Namespace, summary: dict) -> int:
