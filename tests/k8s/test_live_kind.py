@@ -115,3 +115,41 @@ def test_sweep_on_kind(live: Path, tmp_path: Path, backend: str) -> None:
     summary = json.loads((runs / run_id / "summary.json").read_text())
     assert summary["ok"] and summary["platform"] == "kind"
     assert summary["result"]["sum"] == 500035.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chaos_on_kind(live: Path, tmp_path: Path, backend: str) -> None:
+    """`make chaos` on Kind: every fault that applies, as pod deletes and scale changes from
+    the in-cluster `ttg chaos` Job; each run ok (poison: only its chunk dead-lettered), every
+    fault recorded with a recovered_s, and the table printed."""
+    runs = tmp_path / "runs"
+    result = run(
+        [
+            tool("ansible-playbook"),
+            "-i",
+            "inventories/kind",
+            "playbooks/chaos.yml",
+            "-e",
+            f"ttg_state_dir={live}",
+            "-e",
+            f"ttg_runs_dir={runs}",
+            "-e",
+            f"ttg_backend={backend}",
+            "-e",
+            f"ttg_run_id=live-chaos-{backend}",
+            "-e",
+            "ttg_params=3000",
+            "-e",
+            "ttg_chunk_size=30",
+            "-e",
+            "ttg_work_ms=10",
+        ],
+        timeout=3600,
+    )
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "Every fault run is ok" in result.stdout
+    summaries = [json.loads(p.read_text()) for p in runs.glob("live-chaos-*/summary.json")]
+    assert summaries
+    for s in summaries:
+        assert s["platform"] == "kind" and s["ok"], s
+        assert s["faults"] and all("recovered_s" in f for f in s["faults"]), s["faults"]

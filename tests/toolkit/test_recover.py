@@ -171,5 +171,14 @@ def test_recover_after_killing_everything_mid_run(
     # (Redis AOF fsyncs every second: the last second's results may be redone after it.)
     assert before > 0 and after > 0, (before, after, done_before)
     assert before + after == len(finished) == PARAMS // CHUNK
+    # The crash is a fault of the run, measured from the run's own results.
+    crash = [f for f in summary["faults"] if f["type"] == "infra-crash"]
+    assert len(crash) == 1, summary["faults"]
+    crash = crash[0]
+    assert crashed_at < crash["at"] < crashed_at + took
+    assert 0 < crash["recovered_s"] < took
+    assert crash["last_result_before"] <= crashed_at + 0.01
+    assert crash["outage_s"] >= crash["at"] - crashed_at
+    assert 0 < crash["at_progress"] < 1
     recovery = json.loads((run_dir / "recovery.json").read_text())
     assert recovery["progress_at_recovery"]["chunks_total"] == PARAMS // CHUNK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -129,3 +130,46 @@ def test_cli_unreachable_broker_fails_after_bounded_retries(capsys):
     assert rc == 2
     assert time.monotonic() - t0 < 10
     assert "unreachable" in capsys.readouterr().err
+
+
+def test_fault_records_given_from_outside_are_measured_against_the_results(tmp_path):
+    from ttg.controller import measure_faults
+
+    chunks = tmp_path / "chunks.jsonl"
+    chunks.write_text("".join(
+        json.dumps({"chunk": i, "finished": t}) + "\n"
+        for i, t in enumerate([100.0, 101.0, 102.5, 130.0, 131.0])))
+    faults = [
+        {"type": "infra-crash", "at": 120.0, "recovered_s": None},
+        {"type": "worker-kill", "at": 101.5, "recovered_s": 0.4},  # measured already: kept
+        {"type": "late", "at": 200.0, "recovered_s": None},  # nothing after it
+    ]
+    out = measure_faults(faults, chunks)
+    assert out[0]["recovered_s"] == 10.0
+    assert out[0]["last_result_before"] == 102.5
+    assert out[0]["outage_s"] == 27.5
+    assert out[1] == {"type": "worker-kill", "at": 101.5, "recovered_s": 0.4}
+    assert out[2]["recovered_s"] is None and "outage_s" not in out[2]
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("not json", "not a readable JSON file"),
+    ('{"type": "x"}', "expected a JSON list"),
+    ('[{"target": "x"}]', "expected a JSON list"),
+    ('[{"type": "x", "at": "soon"}]', "is not a number"),
+])
+def test_bad_faults_file_is_a_clear_error(tmp_path, content, needle):
+    from ttg.controller import load_faults
+
+    path = tmp_path / "faults.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=needle):
+        load_faults(path)
+
+
+def test_faults_file_numbers_written_as_strings_are_read_as_numbers(tmp_path):
+    from ttg.controller import load_faults
+
+    path = tmp_path / "faults.json"
+    path.write_text('[{"type": "infra-crash", "at": "12.5", "at_progress": "0.25"}]')
+    assert load_faults(path) == [{"type": "infra-crash", "at": 12.5, "at_progress": 0.25}]

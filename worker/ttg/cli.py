@@ -340,11 +340,11 @@ def cmd_chaos_table(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ttg.controller import run_sweep
+    from ttg.controller import load_faults, run_sweep
 
     run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
     spec = job_spec(args, run_id)
-    faults = json.loads(args.faults.read_text()) if args.faults else None
+    faults = load_faults(args.faults) if args.faults else None
     backend = connect(args)
     if args.metrics_port:
         from ttg import metrics

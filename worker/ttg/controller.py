@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ttg.backends.base import Backend, Progress
-from ttg.errors import TTGError
+from ttg.errors import ConfigError, TTGError
 from ttg.partial import Aggregator
 from ttg.progress import Reporter
 from ttg.sweep import JobSpec, reference_expected_sum
@@ -208,6 +208,53 @@ def human(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def measure_faults(faults: list[dict], chunks_jsonl: Path) -> list[dict]:
+    """Complete fault records given from outside the run (`ttg sweep --faults`, written by
+    playbooks/recover-infra.yml): a record with an `at` and no `recovered_s` is measured
+    against the run's own results. `recovered_s`: from `at` to the first result after it;
+    `last_result_before`: the last result before it (the crash lies between the two, so
+    `outage_s` bounds the whole cost of the fault from above)."""
+    todo = [f for f in faults if f.get("recovered_s") is None and f.get("at") is not None]
+    if not todo or not chunks_jsonl.exists():
+        return faults
+    finished = []
+    with chunks_jsonl.open() as fh:
+        for line in fh:
+            row = json.loads(line)
+            if "finished" in row:
+                finished.append(float(row["finished"]))
+    for f in todo:
+        at = float(f["at"])
+        after = min((t for t in finished if t > at), default=None)
+        before = max((t for t in finished if t <= at), default=None)
+        f["recovered_s"] = round(after - at, 3) if after is not None else None
+        if before is not None:
+            f["last_result_before"] = round(before, 3)
+            if after is not None:
+                f["outage_s"] = round(after - before, 3)
+    return faults
+
+
+def load_faults(path: Path) -> list[dict]:
+    """A --faults file: a JSON list of records, each with a `type`."""
+    try:
+        faults = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--faults {path}: not a readable JSON file ({exc})") from None
+    if not isinstance(faults, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("type"), str) for f in faults):
+        raise ConfigError(f"--faults {path}: expected a JSON list of objects with a 'type'")
+    for f in faults:  # numbers written by a template may arrive as strings
+        for key in ("at", "at_progress", "recovered_s"):
+            if isinstance(f.get(key), str):
+                try:
+                    f[key] = float(f[key])
+                except ValueError:
+                    raise ConfigError(f"--faults {path}: {key} {f[key]!r} is not a number"
+                                      ) from None
+    return faults
+
+
 def run_sweep(
     backend: Backend,
     spec: JobSpec,
@@ -252,8 +299,9 @@ def run_sweep(
     reporter.close(progress)
     if thread is not None:
         thread.join()
+    given = measure_faults(list(faults or []), run_dir / "chunks.jsonl")
     summary = build_summary(spec, backend.name, platform, agg, progress, dead, wall_s,
-                            [*(faults or []), *injected], expect_dead)
+                            [*given, *injected], expect_dead)
     summary["submit_s"] = round(submit_s, 3)
     summary["controller_max_rss_mb"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
