@@ -259,3 +259,54 @@ def test_chaos_on_kind_runs_the_fault_through_the_cluster(tmp_path: Path) -> Non
     assert "Start the workers in the cluster, with the fault's hooks" in result.stdout
     assert "Apply the manifests of the stage fleet" in result.stdout
     assert not (tmp_path / "state" / "supervisor").exists()
+
+
+def test_recovered_crash_reaches_the_in_cluster_sweep(tmp_path: Path) -> None:
+    """recover-infra's fault record (k8s_app_faults) is passed to the sweep Job as one JSON
+    argument that ttg parses back to the same records."""
+    book = tmp_path / "render.yml"
+    book.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "render with a fault record",
+                    "hosts": "ttg_controller",
+                    "gather_facts": False,
+                    "tasks": [
+                        {
+                            "ansible.builtin.include_role": {
+                                "name": "k8s_app",
+                                "tasks_from": "render.yml",
+                            },
+                            "vars": {
+                                "k8s_app_run_id": "r1",
+                                "k8s_app_render_dir": str(tmp_path / "out"),
+                                "k8s_app_faults": [
+                                    {"type": "infra-crash", "at": "{{ 12.5 | float }}",
+                                     "target": "kind: the cluster was down",
+                                     "recovered_s": None}
+                                ],
+                            },
+                        }
+                    ],
+                }
+            ]
+        )
+    )
+    result = run(
+        [tool("ansible-playbook"), "-i", "inventories/kind", str(book),
+         "-e", f"ttg_state_dir={tmp_path / 'state'}"],
+        ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    (job,) = yaml.safe_load_all((tmp_path / "out" / "09-sweep-job.yml").read_text())
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "sweep"
+    from ttg.controller import parse_faults
+
+    faults = parse_faults(args[args.index("--faults-json") + 1], "test")
+    assert faults == [
+        {"type": "infra-crash", "at": 12.5, "target": "kind: the cluster was down",
+         "recovered_s": None}
+    ]  # fmt: skip

@@ -112,6 +112,10 @@ def test_spec_round_trips_through_fields():
     (["validate", "--work-ms", "-1"], "work_ms must be >= 0"),
     (["check", "--backend", "kafka"], "valid backends are redis, rabbitmq, static"),
     (["status"], "no run id"),
+    (["sweep", "--broker-url", "redis://127.0.0.1:1/0", "--faults-json", "{oops"],
+     "--faults-json: not a readable JSON"),
+    (["sweep", "--broker-url", "redis://127.0.0.1:1/0", "--faults", "/nonexistent/f.json"],
+     "--faults /nonexistent/f.json: not a readable JSON file"),
 ])
 def test_cli_bad_input_is_one_clear_line(argv, needle, capsys):
     assert main(argv) == 2

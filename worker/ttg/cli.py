@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stall-timeout", type=_float, default=60.0,
                    help="reconcile after S seconds without progress")
     s.add_argument("--faults", type=Path, help="JSON list of fault records for the summary")
+    s.add_argument("--faults-json", default=None,
+                   help="the same list inline (an in-cluster Job has no file to read)")
     s.add_argument("--json", action="store_true", help="print only the JSON summary")
     s.add_argument("--metrics-port", type=_int, default=0,
                    help="serve the run's progress gauges on this port (0 = off)")
@@ -340,11 +342,13 @@ def cmd_chaos_table(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ttg.controller import load_faults, run_sweep
+    from ttg.controller import load_faults, parse_faults, run_sweep
 
     run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
     spec = job_spec(args, run_id)
     faults = load_faults(args.faults) if args.faults else None
+    if args.faults_json:
+        faults = [*(faults or []), *parse_faults(args.faults_json, "--faults-json")]
     backend = connect(args)
     if args.metrics_port:
         from ttg import metrics

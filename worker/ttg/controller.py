@@ -238,20 +238,28 @@ def measure_faults(faults: list[dict], chunks_jsonl: Path) -> list[dict]:
 def load_faults(path: Path) -> list[dict]:
     """A --faults file: a JSON list of records, each with a `type`."""
     try:
-        faults = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        text = path.read_text()
+    except OSError as exc:
         raise ConfigError(f"--faults {path}: not a readable JSON file ({exc})") from None
+    return parse_faults(text, f"--faults {path}")
+
+
+def parse_faults(text: str, where: str) -> list[dict]:
+    """Fault records given from outside the run: a JSON list of objects with a `type`."""
+    try:
+        faults = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not a readable JSON file ({exc})") from None
     if not isinstance(faults, list) or not all(
             isinstance(f, dict) and isinstance(f.get("type"), str) for f in faults):
-        raise ConfigError(f"--faults {path}: expected a JSON list of objects with a 'type'")
+        raise ConfigError(f"{where}: expected a JSON list of objects with a 'type'")
     for f in faults:  # numbers written by a template may arrive as strings
         for key in ("at", "at_progress", "recovered_s"):
             if isinstance(f.get(key), str):
                 try:
                     f[key] = float(f[key])
                 except ValueError:
-                    raise ConfigError(f"--faults {path}: {key} {f[key]!r} is not a number"
-                                      ) from None
+                    raise ConfigError(f"{where}: {key} {f[key]!r} is not a number") from None
     return faults
 
 
