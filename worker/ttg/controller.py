@@ -38,8 +38,13 @@ def wait(
     timeout_s: float | None = None,
     stall_s: float = 60.0,
     poll_s: float = 0.1,
+    tail_poll_s: float = 0.02,
 ) -> Progress:
-    """Block until every chunk is done or dead-lettered (or until it cannot progress)."""
+    """Block until every chunk is done or dead-lettered (or until it cannot progress).
+
+    Polls every `poll_s`; in the tail (nothing left queued, the last chunks running) every
+    twentieth of the mean chunk time, between `tail_poll_s` and `poll_s`: the end of a run is
+    seen within a few percent of a chunk, and long chunks are not polled any faster."""
     t0 = time.monotonic()
     last_change = t0
     last_key = None
@@ -64,7 +69,11 @@ def wait(
             return p
         if timeout_s is not None and now - t0 > timeout_s:
             raise WaitTimeout(f"run {run_id} not finished after {timeout_s:.0f}s")
-        time.sleep(poll_s)
+        if p.queued == 0 and p.executions:
+            mean_chunk_s = p.task_s / p.executions
+            time.sleep(min(poll_s, max(tail_poll_s, mean_chunk_s / 20)))
+        else:
+            time.sleep(poll_s)
 
 
 def aggregate(backend: Backend, run_id: str, chunks_log: Path | None = None) -> Aggregator:
