@@ -1,166 +1,43 @@
-"""The Kubernetes fault adapter (`KubePlatform` over `ttg.kube.KubeApi`), offline.
+"""The Kubernetes fault adapter (`KubePlatform` over `ttg.kube.KubeApi`), without a cluster.
 
-No API server can run on the test machines (no node image, no kube-apiserver binary), so the
-adapter is driven against a small HTTP server on loopback that answers the five REST calls
-the way the Kubernetes API does (paths, verbs, content types, label selectors with `=` and
-`!key`, a pod delete that honours gracePeriodSeconds) and records every request. What this
-proves: which objects each fault touches and how (the requests); what it cannot prove: that
-a cluster behaves as the recorded requests intend (tests/k8s/test_live_kind.py does that,
-where Kind can run).
+No API server can run on the test machines (no node image, no kube-apiserver binary). So the
+adapter is driven against `kubeapi.FakeApi`, a small HTTP server on loopback that answers the
+five REST calls the way the Kubernetes API does and records every request (which objects each
+fault touches, and how), and then end to end against `kubeapi.Kubelet`, which puts real `ttg
+work` processes behind the pods and the real broker behind the broker pod: the faults must
+lose nothing there. What neither proves: that a real cluster behaves like the emulation
+(tests/k8s/test_live_kind.py does that, where Kind can run).
 """
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from functools import partial
 
 import pytest
+from kubeapi import NS, TOKEN, FakeApi
+from kubeapi import pod as _pod
 
 from ttg.chaos import KubePlatform
 from ttg.cli import main
 from ttg.errors import ConfigError
 from ttg.kube import KubeApi, KubeError
 
-NS = "ttg"
 RUN = "chaos-k8s-1"
-
-
-def pod(name: str, run: str = RUN, component: str = "worker", phase: str = "Running",
-        labels: dict | None = None, deleting: bool = False) -> dict:
-    meta: dict = {"name": name, "namespace": NS, "labels": {
-        "app.kubernetes.io/component": component, "app.kubernetes.io/part-of": "ttg",
-        "ttg.io/run-id": run, **(labels or {})}}
-    if deleting:
-        meta["deletionTimestamp"] = "2026-11-30T00:00:00Z"
-    return {"metadata": meta, "status": {"phase": phase}}
-
-
-def matches(labels: dict, selector: str) -> bool:
-    for term in filter(None, selector.split(",")):
-        if term.startswith("!"):
-            if term[1:] in labels:
-                return False
-        else:
-            key, _, value = term.partition("=")
-            if labels.get(key) != value:
-                return False
-    return True
-
-
-class FakeApi:
-    """State + the requests seen, behind a ThreadingHTTPServer on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.pods: dict[str, dict] = {}
-        self.replicas = 3
-        self.template = {
-            "metadata": {"labels": {"app.kubernetes.io/component": "worker",
-                                    "app.kubernetes.io/part-of": "ttg",
-                                    "app.kubernetes.io/instance": "ttg-workers",
-                                    "ttg.io/run-id": RUN}},
-            "spec": {"restartPolicy": "Always", "containers": [{
-                "name": "worker", "image": "ttg-worker:0.1.0", "args": ["work"],
-                "env": [{"name": "TTG_RUN_ID", "value": RUN},
-                        {"name": "TTG_POISON_PARAM", "value": "old"}]}]},
-        }
-        self.requests: list[tuple[str, str, dict | None, str | None]] = []
-        self.generated = 0
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_: object) -> None:
-                pass
-
-            def _body(self) -> dict | None:
-                n = int(self.headers.get("Content-Length") or 0)
-                return json.loads(self.rfile.read(n)) if n else None
-
-            def _send(self, code: int, obj: object) -> None:
-                raw = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def _handle(self, method: str) -> None:
-                body = self._body() if method in ("POST", "PATCH", "DELETE") else None
-                url = urlparse(self.path)
-                api.requests.append((method, url.path, body, self.headers.get("Content-Type")))
-                if self.headers.get("Authorization") != "Bearer t0ken":
-                    return self._send(401, {"message": "Unauthorized"})
-                code, obj = api.route(method, url.path, parse_qs(url.query), body)
-                self._send(code, obj)
-
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                self._handle("GET")
-
-            def do_POST(self) -> None:  # noqa: N802
-                self._handle("POST")
-
-            def do_PATCH(self) -> None:  # noqa: N802
-                self._handle("PATCH")
-
-            def do_DELETE(self) -> None:  # noqa: N802
-                self._handle("DELETE")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def route(self, method: str, path: str, query: dict, body: dict | None
-              ) -> tuple[int, object]:
-        pods = f"/api/v1/namespaces/{NS}/pods"
-        dep = f"/apis/apps/v1/namespaces/{NS}/deployments/ttg-workers"
-        if path == pods and method == "GET":
-            sel = query.get("labelSelector", [""])[0]
-            return 200, {"kind": "PodList", "items": [
-                p for p in self.pods.values() if matches(p["metadata"]["labels"], sel)]}
-        if path == pods and method == "POST":
-            self.generated += 1
-            name = body["metadata"]["generateName"] + f"x{self.generated}"
-            created = {**body, "metadata": {**body["metadata"], "name": name},
-                       "status": {"phase": "Pending"}}
-            self.pods[name] = created
-            return 201, created
-        if path.startswith(pods + "/"):
-            name = path.rsplit("/", 1)[1]
-            if name not in self.pods:
-                return 404, {"message": f'pods "{name}" not found'}
-            if method == "GET":
-                return 200, self.pods[name]
-            if method == "DELETE":
-                grace = (body or {}).get("gracePeriodSeconds")
-                if grace == 0:
-                    return 200, self.pods.pop(name)
-                self.pods[name]["metadata"]["deletionTimestamp"] = "now"
-                return 200, self.pods[name]
-        if path == dep and method == "GET":
-            return 200, {"spec": {"replicas": self.replicas, "template": self.template}}
-        if path == dep + "/scale" and method == "PATCH":
-            self.replicas = body["spec"]["replicas"]
-            return 200, {"spec": {"replicas": self.replicas}}
-        return 404, {"message": f"no route {method} {path}"}
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+pod = partial(_pod, run=RUN)
 
 
 @pytest.fixture
 def fake():
-    api = FakeApi()
+    api = FakeApi(RUN, env=[{"name": "TTG_RUN_ID", "value": RUN},
+                            {"name": "TTG_POISON_PARAM", "value": "old"}])
     yield api
     api.close()
 
 
 @pytest.fixture
 def platform(fake: FakeApi) -> KubePlatform:
-    return KubePlatform(KubeApi(fake.url, token="t0ken", namespace=NS), RUN, poll_s=0.01,
+    return KubePlatform(KubeApi(fake.url, token=TOKEN, namespace=NS), RUN, poll_s=0.01,
                         wait_s=5)
 
 
@@ -169,7 +46,7 @@ def test_workers_are_the_runs_running_pods_only(fake, platform):
         pod("w-a"), pod("w-b"),
         pod("w-pending", phase="Pending"),
         pod("w-leaving", deleting=True),
-        pod("w-other-run", run="another-run"),
+        _pod("w-other-run", run="another-run"),
         pod("w-armed", labels={"ttg.io/chaos-armed": "true"}),
         pod("ttg-redis-0", component="broker"),
     ]}
@@ -255,7 +132,7 @@ def test_api_errors_carry_the_status_and_message(fake):
     api = KubeApi(fake.url, token="wrong", namespace=NS)
     with pytest.raises(KubeError, match="401: Unauthorized"):
         api.list_pods("a=b")
-    ok = KubeApi(fake.url, token="t0ken", namespace=NS)
+    ok = KubeApi(fake.url, token=TOKEN, namespace=NS)
     assert ok.read_pod("nope") is None
     ok.delete_pod("nope", 0)  # already gone: not an error (the fault happened anyway)
 
@@ -275,3 +152,66 @@ def test_chaos_on_an_unknown_platform_is_a_clear_error(capsys):
                "--chunk-size", "10"])
     assert rc == 2
     assert "unknown platform 'moon'" in capsys.readouterr().err
+
+
+# ---- the Kubernetes faults end to end: real broker, real workers behind emulated pods -------
+
+KUBE_FAULTS = ["worker-kill", "worker-kill-repeat", "graceful-stop", "scale",
+               "kill-after-write", "broker-kill"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fault", KUBE_FAULTS)
+def test_kube_fault_loses_nothing(fault, queue_backend, tmp_path):
+    """`Chaos` with `KubePlatform`, as `ttg chaos --platform kind` runs it in-cluster: pods are
+    found by label, killed by API deletes (grace 0 = SIGKILL of the real worker process), the
+    Deployment replaces them and scales through its scale subresource, the armed worker is a
+    bare pod. The run must lose nothing, count nothing twice and measure each recovery."""
+    from kubeapi import Kubelet
+
+    from ttg.chaos import Chaos
+    from ttg.controller import run_sweep
+    from ttg.sweep import JobSpec
+
+    env = queue_backend
+    run_id = f"kube-{fault}"
+    logs = tmp_path / "pods"
+    logs.mkdir()
+    kube = Kubelet(run_id, env.env(run_id, TTG_MIN_IDLE_MS="1000"), logs, replicas=3,
+                   broker=env.broker)
+    try:
+        spec = JobSpec(run_id, 2000, 20, "reference", 3.0, 3)
+        platform = KubePlatform(KubeApi(kube.url, token=TOKEN, namespace=NS), run_id,
+                                poll_s=0.05, wait_s=60)
+        # the defaults' patience with a broker that is restarting (a RabbitMQ node boots in s)
+        config = {"min_idle_ms": 1000, "connect_timeout_s": 10, "retry_budget_s": 60}
+        chaos = Chaos(fault, spec, platform, lambda: env.make(**config),
+                      at=0.3, interval_s=0.7, timeout_s=180)
+        summary = run_sweep(env.make(**config), spec, "kind", tmp_path / "runs",
+                            timeout_s=180, stall_s=10, during=chaos.run)
+    finally:
+        kube.close()
+    faults = summary["faults"]
+    assert faults and all("error" not in f for f in faults), faults
+    assert summary["ok"], summary
+    assert summary["chunks_missing"] == 0
+    assert summary["result"]["sum"] == summary["expected_sum"]
+    assert all(f.get("recovered_s") is not None for f in faults), faults
+    kills = [r for r in kube.requests if r[0] == "DELETE"]
+    if fault.startswith("worker-kill"):
+        assert kills and all(b["gracePeriodSeconds"] == 0 for _, _, b, _ in kills)
+        # the ReplicaSet replaced every killed pod
+        assert len(kube.pods) == 3 or kube.serial >= 3 + len(kills)
+    if fault == "graceful-stop":
+        assert kills and all("gracePeriodSeconds" not in b for _, _, b, _ in kills)
+        assert summary["executions"] == summary["chunks_done"]  # finished once, in hand
+    if fault == "scale":
+        patches = [b["spec"]["replicas"] for m, _, b, _ in kube.requests if m == "PATCH"]
+        assert patches == [4, 5, 4, 3], patches
+        assert kube.serial >= 5  # two more pods ran
+    if fault == "broker-kill":
+        assert [p for m, p, _, _ in kube.requests if m == "DELETE"] == [
+            f"/api/v1/namespaces/{NS}/pods/ttg-broker-0"]
+        assert kube.pods.get("ttg-broker-0")  # the StatefulSet brought it back
+    if fault == "kill-after-write":
+        assert faults[0]["exit_code"] == 137, faults  # the armed pod died by its hook
