@@ -88,6 +88,10 @@ monitor: setup ## Attach to a running local run: live progress until it finishes
 	TTG_BROKER_PASSWORD_FILE=.state/secrets/$(if $(filter rabbitmq,$(BACKEND)),rabbitmq,redis).pass \
 	  ttg status --watch --backend $(BACKEND) --run-id $(or $(RUN_ID),$$(basename "$$(readlink runs/latest)"))
 
+.PHONY: status
+status: setup ## What the project has running where: processes, ports, data dirs, runs, disk (read-only)
+	$(PLAYBOOK) playbooks/status.yml -e ttg_platform=$(PLATFORM) $(ANSIBLE_ARGS)
+
 .PHONY: recover
 recover: setup ## After a reboot or a crash: bring the platform back, verify the data, resume the run
 	$(PLAYBOOK) playbooks/recover-infra.yml $(SWEEP_VARS) $(ANSIBLE_ARGS)

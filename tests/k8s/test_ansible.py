@@ -310,3 +310,17 @@ def test_recovered_crash_reaches_the_in_cluster_sweep(tmp_path: Path) -> None:
         {"type": "infra-crash", "at": 12.5, "target": "kind: the cluster was down",
          "recovered_s": None}
     ]  # fmt: skip
+
+
+def test_status_on_kind_says_when_the_cluster_does_not_answer(tmp_path: Path) -> None:
+    """make status on a Kubernetes platform lists the labelled objects; a cluster that does
+    not answer is one clear line and a non-zero exit, not a silent empty list."""
+    result = run(
+        [tool("ansible-playbook"), "-i", "inventories/kind", "playbooks/status.yml",
+         *_dead_cluster(tmp_path)],
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "cluster      unreachable:" in result.stdout
+    assert "the kind cluster did not answer" in result.stdout
+    assert "runs         0 (0 with a summary), latest none" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -54,9 +55,26 @@ def test_make_demo_small_then_clean(platform: Platform) -> None:
     assert (platform.runs_dir / summary["run_id"] / "summary.json").exists()
     assert f"Run {summary['run_id']} ok" in result.stdout  # the verdict line is shown
 
+    # make status: what runs where, read from the platform itself
+    status = platform.make("status", timeout=300)
+    assert status.returncode == 0, status.stdout[-3000:]
+    out = status.stdout
+    pid = (platform.state_dir / "supervisor" / "supervisord.pid").read_text().strip()
+    assert f"supervisord  running, pid {pid}" in out
+    assert re.search(r"program +ttg-redis +RUNNING +pid \d+", out), out[-3000:]
+    assert len(re.findall(r"program +ttg-fleet:worker-\d", out)) == 3
+    assert f"port         {platform.port} (redis): listening" in out
+    assert f"runs         1 (1 with a summary), latest {summary['run_id']}" in out
+    assert f"recorded     {summary['run_id']} (redis, 1000 params)" in out
+    assert re.search(rf"disk +\d+ KiB  {re.escape(str(platform.state_dir))}/redis", out)
+
     cleaned = platform.make("clean", "CONFIRM=yes", timeout=300)
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
     assert project_pids(platform.state_dir) == []
+    after = platform.make("status", timeout=300)
+    assert after.returncode == 0, after.stdout[-3000:]
+    assert "supervisord  not running" in after.stdout
+    assert f"port         {platform.port} (redis): nothing listens" in after.stdout
 
 
 def test_second_converge_of_the_backend_changes_nothing(platform: Platform) -> None:
