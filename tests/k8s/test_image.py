@@ -112,8 +112,14 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         timeout=900,
     )
     assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+    image_id = docker("image", "inspect", "--format", "{{.Id}}", TAG).stdout.strip()
     yield TAG
+    # by id, so that no untagged copy is left behind on the developer's machine
     docker("image", "rm", "--force", TAG, timeout=120)
+    if image_id:
+        docker("image", "rm", "--force", image_id, timeout=120)
+    # the build stage, untagged, labelled by the Dockerfile: only the project's own go
+    docker("image", "prune", "--force", "--filter", "label=ttg.io/stage=build", timeout=120)
 
 
 def test_help_and_validate_as_uid_1000_read_only(image: str) -> None:
