@@ -148,8 +148,9 @@ def test_fault_records_given_from_outside_are_measured_against_the_results(tmp_p
         {"type": "worker-kill", "at": 101.5, "recovered_s": 0.4},  # measured already: kept
         {"type": "late", "at": 200.0, "recovered_s": None},  # nothing after it
     ]
-    out = measure_faults(faults, chunks)
+    out = measure_faults(faults, chunks, chunks_total=10)
     assert out[0]["recovered_s"] == 10.0
+    assert out[0]["at_progress"] == 0.3  # 3 of 10 chunks had a result before it
     assert out[0]["last_result_before"] == 102.5
     assert out[0]["outage_s"] == 27.5
     assert out[1] == {"type": "worker-kill", "at": 101.5, "recovered_s": 0.4}

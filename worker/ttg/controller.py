@@ -217,12 +217,13 @@ def human(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def measure_faults(faults: list[dict], chunks_jsonl: Path) -> list[dict]:
+def measure_faults(faults: list[dict], chunks_jsonl: Path, chunks_total: int = 0) -> list[dict]:
     """Complete fault records given from outside the run (`ttg sweep --faults`, written by
     playbooks/recover-infra.yml): a record with an `at` and no `recovered_s` is measured
     against the run's own results. `recovered_s`: from `at` to the first result after it;
     `last_result_before`: the last result before it (the crash lies between the two, so
-    `outage_s` bounds the whole cost of the fault from above)."""
+    `outage_s` bounds the whole cost of the fault from above); `at_progress`, if not given:
+    the share of chunks whose first result came before `at`."""
     todo = [f for f in faults if f.get("recovered_s") is None and f.get("at") is not None]
     if not todo or not chunks_jsonl.exists():
         return faults
@@ -237,6 +238,8 @@ def measure_faults(faults: list[dict], chunks_jsonl: Path) -> list[dict]:
         after = min((t for t in finished if t > at), default=None)
         before = max((t for t in finished if t <= at), default=None)
         f["recovered_s"] = round(after - at, 3) if after is not None else None
+        if f.get("at_progress") is None and chunks_total:
+            f["at_progress"] = round(sum(t <= at for t in finished) / chunks_total, 3)
         if before is not None:
             f["last_result_before"] = round(before, 3)
             if after is not None:
@@ -316,7 +319,7 @@ def run_sweep(
     reporter.close(progress)
     if thread is not None:
         thread.join()
-    given = measure_faults(list(faults or []), run_dir / "chunks.jsonl")
+    given = measure_faults(list(faults or []), run_dir / "chunks.jsonl", spec.chunks_total)
     summary = build_summary(spec, backend.name, platform, agg, progress, dead, wall_s,
                             [*given, *injected], expect_dead)
     summary["submit_s"] = round(submit_s, 3)
