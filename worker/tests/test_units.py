@@ -178,3 +178,21 @@ def test_faults_file_numbers_written_as_strings_are_read_as_numbers(tmp_path):
     path = tmp_path / "faults.json"
     path.write_text('[{"type": "infra-crash", "at": "12.5", "at_progress": "0.25"}]')
     assert load_faults(path) == [{"type": "infra-crash", "at": 12.5, "at_progress": 0.25}]
+
+
+def _chaos_summary(backend: str, held: object, sum_: float = 10.0) -> dict:
+    return {"backend": backend, "platform": "local", "chunks_missing": 0, "chunks_done": 10,
+            "chunks_dead_lettered": 0, "executions": 11, "ok": sum_ == 10.0,
+            "result": {"sum": sum_}, "expected_sum": 10.0,
+            "faults": [{"type": "worker-kill", "held": held, "recovered_s": 0.5}]}
+
+
+def test_chaos_table_says_what_it_does_not_know():
+    from ttg.chaos import table
+
+    lines = table([_chaos_summary("redis", [4]), _chaos_summary("rabbitmq", None),
+                   _chaos_summary("static", [], 11.0)]).splitlines()
+    rows = {line.split()[1]: line.split() for line in lines[2:]}
+    assert rows["redis"][4:6] == ["1", "1"]  # one chunk interrupted, one redundant execution
+    assert rows["rabbitmq"][4] == "?"  # the broker does not say what a consumer held
+    assert rows["static"][6:8] == ["SUM", "WRONG"] and rows["static"][-1] == "NO"

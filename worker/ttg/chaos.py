@@ -534,7 +534,8 @@ def table(summaries: list[dict]) -> str:
     """fault × backend → lost, redundant executions, duplicate effects, recovered_s, verdict.
 
     `lost` counts chunks missing or dead-lettered beyond what the experiment expected;
-    `redone` the chunks a kill interrupted (done again from the start); `redundant` the
+    `redone` the chunks a kill interrupted (done again from the start; `?` when the backend
+    cannot tell what the victim held); `redundant` the
     executions beyond one per chunk (duplicates and failed attempts); `dup effects` is 0 when
     the sum is exact (a chunk counted twice would change it)."""
     rows = [("fault", "backend", "platform", "lost", "redone", "redundant", "dup effects",
@@ -548,11 +549,12 @@ def table(summaries: list[dict]) -> str:
         expected_dead = set(s.get("expected_dead_lettered", []))
         lost = s["chunks_missing"] + len(set(s.get("dead_lettered", [])) - expected_dead)
         exact = s.get("expected_sum") is None or s["result"]["sum"] == s["expected_sum"]
-        # chunks a kill interrupted (their partial work is lost and done again)
-        redone = sum(len(f.get("held") or []) for f in faults
-                     if f["type"].startswith("worker-kill"))
+        # chunks a kill interrupted (their partial work is lost and done again); "?" where
+        # the backend cannot tell what the victim held (RabbitMQ: the broker does not say)
+        held = [f.get("held") for f in faults if f["type"].startswith("worker-kill")]
+        redone = "?" if any(h is None for h in held) else str(sum(len(h) for h in held))
         rows.append((
-            "+".join(kinds), s["backend"], s["platform"], str(lost), str(redone),
+            "+".join(kinds), s["backend"], s["platform"], str(lost), redone,
             str(s["executions"] - s["chunks_done"] - s["chunks_dead_lettered"]),
             "0" if exact else "SUM WRONG",
             "/".join(f"{r:.2f}" for r in rec) if rec else "-",
