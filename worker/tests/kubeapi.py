@@ -5,7 +5,8 @@ selectors with `=` and `!key`, deletes with or without gracePeriodSeconds) over 
 records every request. `Kubelet` puts real processes behind the pods: each pod is a `ttg work`
 process, a delete with grace 0 is a SIGKILL, a graceful delete a SIGTERM (the pod goes when the
 process has exited), the Deployment keeps its replica count (a deleted pod is replaced at once,
-a scale-down terminates the newest pods), and a bare pod's exit code is its status. It stands
+a scale-down terminates the newest pods), an Indexed Job (static) keeps one pod per unfinished
+index, and a bare pod's exit code is its status. It stands
 in for an API server and a kubelet, not for the broker: workers, broker and signals are real.
 """
 
@@ -174,10 +175,18 @@ class FakeApi:
 class Kubelet(FakeApi):
     """Real `ttg work` processes behind the pods (see the module docstring)."""
 
+    INDEX = "batch.kubernetes.io/job-completion-index"
+
     def __init__(self, run_id: str, env: dict[str, str], logs: Path, replicas: int = 3,
-                 broker: object | None = None) -> None:
-        template_env = [{"name": "TTG_WORKER_ID",
-                         "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+                 broker: object | None = None, indexed: bool = False) -> None:
+        """indexed: the workers are an Indexed Job of `replicas` indexes (the static backend):
+        one pod per index, restartPolicy Never, a failed or deleted pod replaced for the same
+        index (up to 3 times, backoffLimitPerIndex), an index done when its pod exits 0."""
+        self.indexed = indexed
+        self.completed: set[int] = set()
+        self.failures: dict[int, int] = {}
+        template_env = [] if indexed else [
+            {"name": "TTG_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
         super().__init__(run_id, replicas, env=template_env)
         self.base_env = env
         # The broker as its StatefulSet's pod: a delete kills the real broker, the StatefulSet
@@ -192,6 +201,7 @@ class Kubelet(FakeApi):
         self.all_procs: list[subprocess.Popen] = []
         self.serial = 0
         self.stopping = False
+        self.seen_ended: set[str] = set()
         with self.lock:
             self.scaled()
         self.watch = threading.Thread(target=self._reap, daemon=True)
@@ -256,8 +266,32 @@ class Kubelet(FakeApi):
                 if p["metadata"]["labels"].get("app.kubernetes.io/instance") == "ttg-workers"
                 and not p["metadata"].get("deletionTimestamp")]
 
+    def _index_pods(self) -> None:
+        """The Job controller: a pod for every index neither done nor out of retries. With a
+        podFailurePolicy (ours has one) a terminating pod is replaced once it has failed, not
+        while it still runs: a SIGTERMed static worker finishes its chunk first."""
+        live = {int(p["metadata"]["labels"][self.INDEX]) for n, p in self.pods.items()
+                if self.INDEX in p["metadata"]["labels"]
+                and self.status(n)["phase"] in ("Pending", "Running")}
+        for i in range(self.replicas):
+            if i in self.completed or i in live or self.failures.get(i, 0) > 3:
+                continue
+            self.serial += 1
+            name = f"ttg-workers-{self.run_id}-{i}-{self.serial:03d}"
+            labels = {**self.template["metadata"]["labels"], self.INDEX: str(i)}
+            spec = {**self.template["spec"], "restartPolicy": "Never"}
+            container = {**spec["containers"][0], "env": [
+                {"name": "JOB_COMPLETION_INDEX", "value": str(i)},
+                {"name": "TTG_EXIT_WHEN_DONE", "value": "1"}]}
+            self.pods[name] = {"metadata": {"name": name, "namespace": NS, "labels": labels},
+                               "spec": {**spec, "containers": [container]}}
+            self._spawn(name, container)
+
     def scaled(self) -> None:
         if self.stopping:
+            return
+        if self.indexed:
+            self._index_pods()
             return
         owned = self._owned()
         while len(owned) < self.replicas:
@@ -276,9 +310,18 @@ class Kubelet(FakeApi):
             with self.lock:
                 for name, p in list(self.pods.items()):
                     proc = self.procs.get(name)
-                    if p["metadata"].get("deletionTimestamp") and (
-                            proc is None or proc.poll() is not None):
+                    index = p["metadata"]["labels"].get(self.INDEX)
+                    ended = proc is not None and proc.poll() is not None
+                    if index is not None and ended and name not in self.seen_ended:
+                        self.seen_ended.add(name)
+                        if proc.returncode == 0:
+                            self.completed.add(int(index))
+                        else:
+                            self.failures[int(index)] = self.failures.get(int(index), 0) + 1
+                    if p["metadata"].get("deletionTimestamp") and (proc is None or ended):
                         self._forget(name)
+                if self.indexed and not self.stopping:
+                    self._index_pods()
             time.sleep(0.05)
 
     def close(self) -> None:

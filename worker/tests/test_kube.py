@@ -215,3 +215,58 @@ def test_kube_fault_loses_nothing(fault, queue_backend, tmp_path):
         assert kube.pods.get("ttg-broker-0")  # the StatefulSet brought it back
     if fault == "kill-after-write":
         assert faults[0]["exit_code"] == 137, faults  # the armed pod died by its hook
+
+
+STATIC_FAULTS = ["worker-kill", "graceful-stop", "broker-kill"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fault", STATIC_FAULTS)
+def test_kube_fault_on_static_redoes_only_the_victims_range(fault, redis_server, tmp_path):
+    """static on Kubernetes: the workers are an Indexed Job; `KubePlatform` names its pods
+    `worker-<index>` (what the static backend knows), a killed pod is replaced for the same
+    index and redoes the chunk it died in. Exact sum, every chunk done."""
+    from conftest import Env, wait_for
+    from kubeapi import Kubelet
+
+    from ttg.chaos import Chaos
+    from ttg.controller import run_sweep
+    from ttg.sweep import JobSpec
+
+    env = Env("static", redis_server, tmp_path)
+    run_id = f"kube-static-{fault}"
+    logs = tmp_path / "pods"
+    logs.mkdir()
+    kube = Kubelet(run_id, env.env(run_id), logs, replicas=3, broker=redis_server,
+                   indexed=True)
+    try:
+        spec = JobSpec(run_id, 2000, 20, "reference", 3.0, 3)
+        platform = KubePlatform(KubeApi(kube.url, token=TOKEN, namespace=NS), run_id,
+                                poll_s=0.05, wait_s=60)
+        config = {"min_idle_ms": 1000, "connect_timeout_s": 10, "retry_budget_s": 60}
+        chaos = Chaos(fault, spec, platform, lambda: env.make(**config), at=0.3,
+                      timeout_s=180)
+        summary = run_sweep(env.make(**config), spec, "kind", tmp_path / "runs",
+                            timeout_s=180, stall_s=10, during=chaos.run)
+        # every index's last pod exits 0 once its range is done (a moment after the run ends)
+        wait_for(lambda: kube.completed == {0, 1, 2}, timeout=30, what="indexes complete")
+    finally:
+        kube.close()
+    faults = summary["faults"]
+    assert faults and all("error" not in f for f in faults), faults
+    assert summary["ok"], summary
+    assert summary["result"]["sum"] == summary["expected_sum"]
+    assert faults[0]["target"].startswith("worker-") or fault == "broker-kill"
+    if fault != "broker-kill":
+        victim = int(faults[0]["target"].rpartition("-")[2])
+        # the victim's index ran again in a pod of its own; the others in one pod each
+        pods = sorted(p.stem for p in logs.glob("*.log"))
+        per_index = [sum(f"-{run_id}-{i}-" in p for p in pods) for i in range(3)]
+        assert per_index[victim] == 2 and sum(per_index) == 4, pods
+        assert faults[0]["recovered_s"] is not None
+        if fault == "worker-kill":
+            assert faults[0]["held"], faults  # static can tell what the victim held
+        else:  # SIGTERM: it finished its chunk in hand, then exited 75 (range not done)
+            assert kube.failures == {victim: 1}, kube.failures
+            assert summary["executions"] == summary["chunks_done"]
+    assert kube.completed == {0, 1, 2}
