@@ -181,11 +181,11 @@ def sweep(target: Target, runs_dir: Path, params: int, chunk: int, task: str, wo
 
 def overhead_ms(runs_dir: Path, run_id: str) -> tuple[float | None, float | None]:
     """p50/p99 of the gap between one worker's consecutive chunks (ack + next lease)."""
+    from ttg.report import read_jsonl
+
     by_worker: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    with (runs_dir / run_id / "chunks.jsonl").open() as f:
-        for line in f:
-            row = json.loads(line)
-            by_worker[row["worker"]].append((row["started"], row["finished"]))
+    for row in read_jsonl(runs_dir / run_id / "chunks.jsonl"):
+        by_worker[row["worker"]].append((row["started"], row["finished"]))
     gaps = []
     for rows in by_worker.values():
         rows.sort()

@@ -224,15 +224,12 @@ def measure_faults(faults: list[dict], chunks_jsonl: Path, chunks_total: int = 0
     `last_result_before`: the last result before it (the crash lies between the two, so
     `outage_s` bounds the whole cost of the fault from above); `at_progress`, if not given:
     the share of chunks whose first result came before `at`."""
+    from ttg.report import read_jsonl
+
     todo = [f for f in faults if f.get("recovered_s") is None and f.get("at") is not None]
-    if not todo or not chunks_jsonl.exists():
+    if not todo:
         return faults
-    finished = []
-    with chunks_jsonl.open() as fh:
-        for line in fh:
-            row = json.loads(line)
-            if "finished" in row:
-                finished.append(float(row["finished"]))
+    finished = [float(row["finished"]) for row in read_jsonl(chunks_jsonl) if "finished" in row]
     for f in todo:
         at = float(f["at"])
         after = min((t for t in finished if t > at), default=None)

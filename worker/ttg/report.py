@@ -43,7 +43,8 @@ EVENT_STYLE = {  # kind -> (marker, colour, label)
 # ---- loading ---------------------------------------------------------------------------
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a run's JSON-lines file (chunks, events, progress); [] if absent."""
     if not path.exists():
         return []
     out = []
@@ -117,9 +118,9 @@ def _time_at_progress(frac: float, chunks: list[dict], progress: list[dict],
 def analyse(run_dir: Path) -> dict:
     """Everything the report states and plots, from the run directory's files."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    chunks = [c for c in _jsonl(run_dir / "chunks.jsonl") if "finished" in c]
-    events = [e for e in _jsonl(run_dir / "events.jsonl") if "ts" in e]
-    progress = [s for s in _jsonl(run_dir / "progress.jsonl") if "ts" in s]
+    chunks = [c for c in read_jsonl(run_dir / "chunks.jsonl") if "finished" in c]
+    events = [e for e in read_jsonl(run_dir / "events.jsonl") if "ts" in e]
+    progress = [s for s in read_jsonl(run_dir / "progress.jsonl") if "ts" in s]
     stamps = [float(c["started"]) for c in chunks if "started" in c]
     stamps += [float(c["finished"]) for c in chunks]
     stamps += [float(e["ts"]) for e in events] + [float(s["ts"]) for s in progress]
