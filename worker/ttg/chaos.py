@@ -28,13 +28,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ttg.backends.base import Backend, Progress
 from ttg.errors import ConfigError
 from ttg.sweep import JobSpec
 
+if TYPE_CHECKING:
+    from ttg.kube import KubeApi
+
 log = logging.getLogger("ttg.chaos")
+T = TypeVar("T")
 
 FAULTS = (
     "worker-kill",
@@ -101,6 +105,27 @@ class Platform(Protocol):
     def stop_added(self, handle: object, sig: int) -> int | None: ...
 
 
+class _Snapshot:
+    """The last answer of `fetch`, kept for a second: listing the workers costs a process start
+    (supervisorctl) or an API call, and a fault must strike at its progress point, not a few
+    hundred milliseconds later."""
+
+    def __init__(self, fetch: Callable[[], dict[str, T]], ttl_s: float = 1.0) -> None:
+        self.fetch = fetch
+        self.ttl_s = ttl_s
+        self.value: dict[str, T] = {}
+        self.at = 0.0
+
+    def get(self) -> dict[str, T]:
+        now = time.monotonic()
+        if now - self.at > self.ttl_s:
+            self.value, self.at = self.fetch(), now
+        return dict(self.value)
+
+    def expire(self) -> None:
+        self.at = 0.0
+
+
 class LocalPlatform:
     """The local platform: supervisord programs, real PIDs, real signals."""
 
@@ -111,8 +136,9 @@ class LocalPlatform:
         self.ctl_cmd = [supervisorctl, "-c", config]
         self.fleet = fleet_program
         self.broker = broker_program
-        self._cache: dict[str, int] = {}
-        self._cached_at = 0.0
+        self._workers = _Snapshot(lambda: {
+            name.partition(":")[2]: pid for name, pid in self._status().items()
+            if name.startswith(self.fleet + ":")})
 
     def _status(self) -> dict[str, int]:
         out = subprocess.run([*self.ctl_cmd, "status"], capture_output=True, text=True,
@@ -125,21 +151,14 @@ class LocalPlatform:
         return found
 
     def workers(self) -> dict[str, int]:
-        """Cached for a second: `supervisorctl status` costs a process start, and a fault
-        must strike at its progress point, not a few hundred milliseconds later."""
-        now = time.monotonic()
-        if now - self._cached_at > 1.0:
-            self._cache = {name.partition(":")[2]: pid for name, pid in self._status().items()
-                           if name.startswith(self.fleet + ":")}
-            self._cached_at = now
-        return dict(self._cache)
+        return self._workers.get()
 
     def kill_worker(self, name: str, sig: int) -> None:
         pid = self.workers().get(name)
         if pid is None:
             raise ConfigError(f"worker {name} is not running")
         os.kill(pid, sig)
-        self._cached_at = 0.0
+        self._workers.expire()
 
     def kill_broker(self) -> None:
         """SIGKILL the broker's whole process group: supervisord starts each program in a
@@ -186,15 +205,12 @@ class KubePlatform:
     ARMED = "ttg.io/chaos-armed"
     INDEX = "batch.kubernetes.io/job-completion-index"
 
-    def __init__(self, api: object, run_id: str, deployment: str = "ttg-workers",
+    def __init__(self, api: KubeApi, run_id: str, deployment: str = "ttg-workers",
                  worker_selector: str = "app.kubernetes.io/component=worker,"
                                         "app.kubernetes.io/part-of=ttg",
                  broker_selector: str = "app.kubernetes.io/component=broker,"
                                         "app.kubernetes.io/part-of=ttg",
                  poll_s: float = 0.5, wait_s: float = 120.0) -> None:
-        from ttg.kube import KubeApi
-
-        assert isinstance(api, KubeApi)
         self.api = api
         self.run_id = run_id
         self.deployment = deployment
@@ -202,8 +218,11 @@ class KubePlatform:
         self.broker_selector = broker_selector
         self.poll_s = poll_s
         self.wait_s = wait_s
-        self._pods: dict[str, str] = {}
-        self._cached_at = 0.0
+        # backend's worker name -> pod name, of the running pods that are not terminating
+        self._pods = _Snapshot(lambda: {
+            self._name(p): p["metadata"]["name"] for p in self.api.list_pods(self.worker_selector)
+            if p.get("status", {}).get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")})
 
     def _name(self, pod: dict) -> str:
         meta = pod["metadata"]
@@ -212,26 +231,17 @@ class KubePlatform:
         return f"worker-{index}" if index is not None else meta["name"]
 
     def workers(self) -> dict[str, int]:
-        """Running, not terminating worker pods of the run (cached for a second, like the
-        local platform: one API call per strike, not per poll)."""
-        now = time.monotonic()
-        if now - self._cached_at > 1.0:
-            pods = self.api.list_pods(self.worker_selector)
-            self._pods = {self._name(p): p["metadata"]["name"] for p in pods
-                          if p.get("status", {}).get("phase") == "Running"
-                          and not p["metadata"].get("deletionTimestamp")}
-            self._cached_at = now
-        return {name: 0 for name in self._pods}
+        """Running, not terminating worker pods of the run (no local pid: 0)."""
+        return {name: 0 for name in self._pods.get()}
 
     def kill_worker(self, name: str, sig: int) -> None:
         """SIGKILL: delete with grace 0; SIGTERM: delete with the pod's own grace period (the
         kubelet sends SIGTERM, the worker finishes or hands back the chunk in hand)."""
-        self.workers()
-        pod = self._pods.get(name)
+        pod = self._pods.get().get(name)
         if pod is None:
             raise ConfigError(f"worker {name} is not running")
         self.api.delete_pod(pod, 0 if sig == signal.SIGKILL else None)
-        self._cached_at = 0.0
+        self._pods.expire()
 
     def kill_broker(self) -> None:
         pods = self.api.list_pods(self.broker_selector)
