@@ -851,14 +851,19 @@ class RabbitMQBackend(Backend):
                     raise self.auth_error(exc) from None
                 if not isinstance(exc, RETRYABLE):
                     raise
-                self._reset()
-                if time.monotonic() + delay > deadline:
-                    raise BrokerUnavailable(
-                        f"rabbitmq at {_redacted(self.config.url)}: {what} failed for "
-                        f"{self.config.retry_budget_s:.0f}s: {exc}") from None
-                log.warning("%s failed (%s), reconnecting", what, exc.__class__.__name__)
+                self._reconnect_within(deadline - delay, what, exc)
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    def _reconnect_within(self, last_start: float, what: str, exc: Exception) -> None:
+        """After a lost connection on the controller side: drop it (the next call opens a
+        new one), or give up when the next attempt would start after `last_start`."""
+        self._reset()
+        if time.monotonic() > last_start:
+            raise BrokerUnavailable(
+                f"rabbitmq at {_redacted(self.config.url)}: {what} failed for "
+                f"{self.config.retry_budget_s:.0f}s: {exc}") from None
+        log.warning("%s failed (%s), reconnecting", what, exc.__class__.__name__)
 
     def check(self) -> None:
         self._channel()
@@ -1122,12 +1127,7 @@ class RabbitMQBackend(Backend):
                 outstanding.clear()
                 settled.clear()
                 conf = None
-                self._reset()
-                if time.monotonic() + delay > deadline:
-                    raise BrokerUnavailable(f"rabbitmq at {_redacted(self.config.url)}: {what} "
-                                            f"failed for {self.config.retry_budget_s:.0f}s: "
-                                            f"{exc}") from None
-                log.warning("%s failed (%s), reconnecting", what, exc.__class__.__name__)
+                self._reconnect_within(deadline - delay, what, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
