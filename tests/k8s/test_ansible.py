@@ -98,16 +98,27 @@ def test_yamllint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _playbook(tmp_path: Path, role: str) -> Path:
+def _playbook(
+    tmp_path: Path, role: str, role_vars: dict | None = None, tasks_from: str | None = None
+) -> Path:
+    """A one-play playbook running `role` (or one of its entry points) with `role_vars`."""
+    if tasks_from:
+        run_it = {"tasks": [{
+            "name": f"{role} {tasks_from}",
+            "ansible.builtin.include_role": {"name": role, "tasks_from": tasks_from},
+            "vars": role_vars or {},
+        }]}  # fmt: skip
+    else:
+        run_it = {"roles": [{"role": role, "vars": role_vars or {}}]}
     book = tmp_path / "play.yml"
     book.write_text(
         yaml.safe_dump(
             [
                 {
-                    "name": f"Provision with {role}",
+                    "name": f"Run {role}",
                     "hosts": "ttg_controller",
                     "gather_facts": False,
-                    "roles": [{"role": role}],
+                    **run_it,
                 }
             ]
         )
@@ -230,23 +241,8 @@ def test_sweep_on_kind_goes_to_the_cluster_not_to_supervisord(tmp_path: Path) ->
 def test_chaos_on_kind_runs_the_fault_through_the_cluster(tmp_path: Path) -> None:
     """The chaos role with the kind inventory plans the fault locally, then goes to the
     cluster with the fault's hooks (k8s_app fleet with the worker env), not to supervisord."""
-    book = tmp_path / "chaos.yml"
-    book.write_text(
-        yaml.safe_dump(
-            [
-                {
-                    "name": "chaos on kind",
-                    "hosts": "ttg_controller",
-                    "gather_facts": False,
-                    "roles": [
-                        {
-                            "role": "chaos",
-                            "vars": {"chaos_run_prefix": "kt", "chaos_faults": "poison"},
-                        }
-                    ],
-                }
-            ]
-        )
+    book = _playbook(
+        tmp_path, "chaos", {"chaos_run_prefix": "kt", "chaos_faults": "poison"}
     )
     result = run(
         [tool("ansible-playbook"), "-v", "-i", "inventories/kind", str(book),
@@ -264,35 +260,15 @@ def test_chaos_on_kind_runs_the_fault_through_the_cluster(tmp_path: Path) -> Non
 def test_recovered_crash_reaches_the_in_cluster_sweep(tmp_path: Path) -> None:
     """recover-infra's fault record (k8s_app_faults) is passed to the sweep Job as one JSON
     argument that ttg parses back to the same records."""
-    book = tmp_path / "render.yml"
-    book.write_text(
-        yaml.safe_dump(
-            [
-                {
-                    "name": "render with a fault record",
-                    "hosts": "ttg_controller",
-                    "gather_facts": False,
-                    "tasks": [
-                        {
-                            "ansible.builtin.include_role": {
-                                "name": "k8s_app",
-                                "tasks_from": "render.yml",
-                            },
-                            "vars": {
-                                "k8s_app_run_id": "r1",
-                                "k8s_app_render_dir": str(tmp_path / "out"),
-                                "k8s_app_faults": [
-                                    {"type": "infra-crash", "at": "{{ 12.5 | float }}",
-                                     "target": "kind: the cluster was down",
-                                     "recovered_s": None}
-                                ],
-                            },
-                        }
-                    ],
-                }
-            ]
-        )
-    )
+    fault = {"type": "infra-crash", "at": "{{ 12.5 | float }}",
+             "target": "kind: the cluster was down", "recovered_s": None}
+    book = _playbook(
+        tmp_path,
+        "k8s_app",
+        {"k8s_app_run_id": "r1", "k8s_app_render_dir": str(tmp_path / "out"),
+         "k8s_app_faults": [fault]},
+        tasks_from="render.yml",
+    )  # fmt: skip
     result = run(
         [tool("ansible-playbook"), "-i", "inventories/kind", str(book),
          "-e", f"ttg_state_dir={tmp_path / 'state'}"],

@@ -55,6 +55,17 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
 
 
+def _on_kind(playbook: Path | str, state: Path, **ttg_vars: object):
+    """ansible-playbook with the kind inventory, this test's state dir and -e ttg_<k>=<v>."""
+    extra = [a for k, v in ttg_vars.items() for a in ("-e", f"ttg_{k}={v}")]
+    return run(
+        [tool("ansible-playbook"), "-i", "inventories/kind", str(playbook),
+         "-e", f"ttg_state_dir={state}", *extra],
+        ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+        timeout=3600,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sweep_on_kind(live: Path, tmp_path: Path, backend: str) -> None:
     runs = tmp_path / "runs"
@@ -87,30 +98,8 @@ def test_sweep_on_kind(live: Path, tmp_path: Path, backend: str) -> None:
             ]
         )
     )
-    result = run(
-        [
-            tool("ansible-playbook"),
-            "-i",
-            "inventories/kind",
-            str(book),
-            "-e",
-            f"ttg_state_dir={live}",
-            "-e",
-            f"ttg_runs_dir={runs}",
-            "-e",
-            f"ttg_backend={backend}",
-            "-e",
-            f"ttg_run_id={run_id}",
-            "-e",
-            "ttg_params=1000",
-            "-e",
-            "ttg_chunk_size=10",
-            "-e",
-            "ttg_work_ms=1",
-        ],
-        ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
-        timeout=1800,
-    )
+    result = _on_kind(book, live, runs_dir=runs, backend=backend, run_id=run_id,
+                      params=1000, chunk_size=10, work_ms=1)
     assert result.returncode == 0, result.stdout[-6000:]
     summary = json.loads((runs / run_id / "summary.json").read_text())
     assert summary["ok"] and summary["platform"] == "kind"
@@ -123,29 +112,8 @@ def test_chaos_on_kind(live: Path, tmp_path: Path, backend: str) -> None:
     the in-cluster `ttg chaos` Job; each run ok (poison: only its chunk dead-lettered), every
     fault recorded with a recovered_s, and the table printed."""
     runs = tmp_path / "runs"
-    result = run(
-        [
-            tool("ansible-playbook"),
-            "-i",
-            "inventories/kind",
-            "playbooks/chaos.yml",
-            "-e",
-            f"ttg_state_dir={live}",
-            "-e",
-            f"ttg_runs_dir={runs}",
-            "-e",
-            f"ttg_backend={backend}",
-            "-e",
-            f"ttg_run_id=live-chaos-{backend}",
-            "-e",
-            "ttg_params=3000",
-            "-e",
-            "ttg_chunk_size=30",
-            "-e",
-            "ttg_work_ms=10",
-        ],
-        timeout=3600,
-    )
+    result = _on_kind("playbooks/chaos.yml", live, runs_dir=runs, backend=backend,
+                      run_id=f"live-chaos-{backend}", params=3000, chunk_size=30, work_ms=10)
     assert result.returncode == 0, result.stdout[-6000:]
     assert "Every fault run is ok" in result.stdout
     summaries = [json.loads(p.read_text()) for p in runs.glob("live-chaos-*/summary.json")]

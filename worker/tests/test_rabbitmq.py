@@ -349,17 +349,26 @@ def _worker_writing_results_to(env: Env, run_id: str, sink: str, **kw: object
     return worker
 
 
-@pytest.mark.timeout(60)
-def test_batched_results_refused_raise_and_nothing_is_acked(rmq: Env) -> None:
+def _three_results_into_a_full_sink(rmq: Env, run_id: str, room: int, retry_budget_s: float
+                                    ) -> tuple[RabbitMQBackend, RabbitMQBackend, list]:
+    """A 4-chunk run; a worker completes 3 chunks (one batch: nothing waits) whose results go
+    to a sink queue that refuses publishes (it holds `room` + 1 fillers).
+    (controller, worker, the 3 deliveries)"""
     ctl = rmq.make()
-    ctl.submit(spec("bnack", params=40, chunk=10))
-    sink = "ttg.bnack.sink"
-    _refusing_sink(rmq, sink, 0)
-    worker = _worker_writing_results_to(rmq, "bnack", sink, retry_budget_s=2)
+    ctl.submit(spec(run_id, params=40, chunk=10))
+    sink = f"ttg.{run_id}.sink"
+    _refusing_sink(rmq, sink, room)
+    worker = _worker_writing_results_to(rmq, run_id, sink, retry_budget_s=retry_budget_s)
     held = [worker.next_delivery(5) for _ in range(3)]
     assert all(d is not None for d in held)
-    for d in held:  # one batch: nothing waits here
+    for d in held:
         worker.complete(d, Partial.of([1.0]), {"task_s": 0.0})  # type: ignore[arg-type]
+    return ctl, worker, held
+
+
+@pytest.mark.timeout(60)
+def test_batched_results_refused_raise_and_nothing_is_acked(rmq: Env) -> None:
+    ctl, worker, _ = _three_results_into_a_full_sink(rmq, "bnack", 0, retry_budget_s=2)
     t0 = time.monotonic()
     with pytest.raises(PublishRejected):
         worker.flush()  # refused, retried for the budget, then raised
@@ -373,15 +382,8 @@ def test_batched_results_refused_raise_and_nothing_is_acked(rmq: Env) -> None:
 @pytest.mark.timeout(60)
 def test_batched_results_refused_then_accepted_are_acked_after_their_confirms(rmq: Env
                                                                                 ) -> None:
-    ctl = rmq.make()
-    ctl.submit(spec("bretry", params=40, chunk=10))
+    ctl, worker, held = _three_results_into_a_full_sink(rmq, "bretry", 3, retry_budget_s=20)
     sink = "ttg.bretry.sink"
-    _refusing_sink(rmq, sink, 3)
-    worker = _worker_writing_results_to(rmq, "bretry", sink, retry_budget_s=20)
-    held = [worker.next_delivery(5) for _ in range(3)]
-    assert all(d is not None for d in held)
-    for d in held:
-        worker.complete(d, Partial.of([1.0]), {"task_s": 0.0})  # type: ignore[arg-type]
     time.sleep(0.5)
     # refused so far: nothing acked (the 4th chunk is prefetched, so none is ready)
     assert ctl._count(Names("bretry").tasks)[0] == 0
