@@ -160,8 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--broker-program", default=None, help="default: ttg-<backend's broker>")
     c.add_argument("--namespace", default=env("TTG_NAMESPACE"),
                    help="kind/aks: the project's namespace (default: the pod's own)")
-    c.add_argument("--workers-deployment", default="ttg-workers",
-                   help="kind/aks: the workers' Deployment (scale fault, armed worker)")
     c.add_argument("--json", action="store_true")
     c.add_argument("--report", action=argparse.BooleanOptionalAction, default=False,
                    help="write runs/<id>/report.md and its plots at the end")
@@ -306,8 +304,7 @@ def chaos_platform(args: argparse.Namespace, run_id: str) -> Platform:
     if args.platform in ("kind", "aks"):
         from ttg.kube import KubeApi
 
-        return KubePlatform(KubeApi.in_cluster(args.namespace), run_id,
-                            deployment=args.workers_deployment)
+        return KubePlatform(KubeApi.in_cluster(args.namespace), run_id)
     raise ConfigError(f"unknown platform {args.platform!r}: valid platforms are local, kind, aks")
 
 
