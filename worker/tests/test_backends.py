@@ -36,6 +36,13 @@ def test_sweep_is_exact(any_backend):
     lines = (env.tmp / "runs" / "exact" / "chunks.jsonl").read_text().splitlines()
     assert len(lines) == 100
     assert all(p.wait(timeout=30) == 0 for p in fleet)  # --exit-when-done
+    from ttg.results import load_results
+
+    rows = load_results(env.tmp / "runs" / "exact").to_pydict()
+    assert rows["index"] == list(range(1000)) and rows["p"] == rows["index"]
+    assert rows["value"] == [reference_value(p) for p in range(1000)]
+    assert set(rows["attempts"]) == {1}
+    assert s["results"]["rows"] == 1000 and s["results"]["failed_points"] == 0
 
 
 def test_submit_is_idempotent(any_backend):
@@ -81,21 +88,28 @@ def test_sigkilled_worker_loses_nothing(any_backend):
     b.close()
 
 
-def test_poisoned_chunk_is_dead_lettered_with_its_error(any_backend):
+def test_a_point_that_raises_is_kept_with_its_error_after_the_retries(any_backend):
+    """The poisoned chunk is retried (a transient error may pass), and on its last attempt
+    stored with the good points' rows and the failed point in failures.parquet."""
     env = any_backend
     env.fleet("poison", 2, TTG_POISON_PARAM="55", TTG_RETRY_DELAYS_MS="50,100")
     r, s = run_sweep(env, "poison", "--params", "200", "--chunk-size", "10", "--work-ms", "0",
                      "--task", "poison", "--max-attempts", "3", "--workers", "2")
-    assert r.returncode == 1  # not ok: a chunk is missing from the result
-    assert s["chunks_dead_lettered"] == 1 and s["dead_lettered"] == [5]
-    assert s["chunks_done"] == 19 and s["chunks_missing"] == 0
-    expected = sum(reference_value(p) for p in range(200) if not 50 <= p < 60)
-    assert s["result"]["sum"] == pytest.approx(expected)
-    dlq = env.ttg("dlq", "list", "--json", run_id="poison")
-    dead = json.loads(dlq.stdout)
-    assert [d["chunk"] for d in dead] == [5]
-    assert "poisoned parameter 55" in dead[0]["reason"]
-    assert dead[0]["attempts"] == 3
+    assert r.returncode == 1  # not ok: a point failed that nobody expected to
+    assert s["chunks_dead_lettered"] == 0 and s["chunks_done"] == 20
+    assert s["chunks_missing"] == 0 and s["executions"] == 22  # chunk 5 ran 3 times
+    expected = sum(reference_value(p) for p in range(200) if p != 55)
+    assert s["result"]["count"] == 199 and s["result"]["sum"] == pytest.approx(expected)
+    res = s["results"]
+    assert res["rows"] == 199 and res["failed_points"] == 1 and res["distinct_indices"] == 200
+    assert res["duplicate_rows"] == 0 and res["missing_indices"] == 0
+    from ttg.results import load_results
+
+    failed = load_results(env.tmp / "runs" / "poison", failures=True).to_pylist()
+    assert [(f["index"], f["p"], f["attempts"]) for f in failed] == [(55, 55, 3)]
+    assert "poisoned parameter 55" in failed[0]["error"]
+    rows = load_results(env.tmp / "runs" / "poison")
+    assert 55 not in rows["index"].to_pylist() and rows.num_rows == 199
 
 
 def test_sigterm_finishes_the_chunk_and_exits_zero(any_backend):

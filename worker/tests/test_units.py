@@ -11,7 +11,9 @@ from ttg.cli import main
 from ttg.errors import ConfigError
 from ttg.partial import Aggregator, Partial, decode_result, encode_result
 from ttg.sweep import JobSpec, reference_expected_sum, reference_value, static_range
-from ttg.tasks import load_task, run_chunk
+from ttg.rows import run_chunk
+from ttg.spaces import range_space
+from ttg.tasks import load_task
 
 
 @pytest.mark.parametrize("params,chunk", [(10000, 100), (1000, 10), (1001, 10), (7, 3), (1, 5)])
@@ -59,7 +61,8 @@ def test_aggregator_first_write_wins_and_sums_exactly():
     agg = Aggregator()
     spec = JobSpec("r", 1000, 10)
     for k in range(spec.chunks_total):
-        part = run_chunk(load_task("reference"), *spec.bounds(k), work_ms=0)
+        part = run_chunk(load_task("reference"), range_space(1000), *spec.bounds(k),
+                         work_ms=0).partial()
         assert agg.add(k, part)
     assert not agg.add(0, Partial(10, 1e9, 0, 1e9))  # a duplicate never counts
     assert agg.duplicates == 1
@@ -77,7 +80,7 @@ def test_run_chunk_sleeps_work_ms_per_parameter():
     import time
 
     t0 = time.monotonic()
-    run_chunk(load_task("noop"), 0, 20, work_ms=5)
+    run_chunk(load_task("noop"), range_space(20), 0, 20, work_ms=5)
     assert time.monotonic() - t0 >= 0.1
 
 
@@ -88,7 +91,7 @@ def test_unknown_task_is_a_config_error(path):
 
 
 def test_task_by_module_path():
-    assert load_task("math:sqrt")(16) == 4.0
+    assert load_task("math:sqrt").call(16, None) == 4.0
 
 
 @pytest.mark.parametrize("field,value", [("params", 0), ("params", -5), ("chunk_size", 0),

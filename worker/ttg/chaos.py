@@ -482,24 +482,33 @@ class Chaos:
         return [rec]
 
     def fault_poison(self) -> list[dict]:
-        """recovered_s: from the chunk's first failure to its dead-lettering, i.e. how long
-        the poison kept circulating before it was set aside with its error."""
+        """recovered_s: from the chunk's first failure to its result (stored on its last
+        attempt with the poisoned point's error), i.e. how long the poison kept
+        circulating before it was set aside."""
         t = time.time()
         param = int(self.worker_env.get("TTG_POISON_PARAM", poison_param(self.spec.chunk_size)))
         chunk = param // self.spec.chunk_size
         assert self.b is not None
+
+        def stored_at() -> float | None:
+            for c, _partial, meta in self.b.results(self.spec.run_id):  # type: ignore[union-attr]
+                if c == chunk:
+                    return float(meta.get("finished", time.time()))
+            return None
+
+        done_at = None
         while time.monotonic() < self.deadline and not self.finished():
-            if any(d.chunk == chunk for d in self.b.dead_letters(self.spec.run_id)):
+            done_at = stored_at()
+            if done_at is not None:
                 break
             time.sleep(0.1)
+        done_at = done_at or stored_at()
         mine = [e for e in self.b.events(self.spec.run_id) if e.get("chunk") == chunk]
         first_fail = min((float(e["ts"]) for e in mine if e.get("kind") == "retried"),
                          default=None)
-        dead_at = min((float(e["ts"]) for e in mine if e.get("kind") == "dead_lettered"),
-                      default=None)
-        recovered = round(dead_at - first_fail, 3) if first_fail and dead_at else None
+        recovered = round(done_at - first_fail, 3) if first_fail and done_at else None
         return [self.record("poison", f"chunk-{chunk}", first_fail or t, 0.0,
-                            expected_dead=[chunk], recovered_s=recovered)]
+                            expected_failed=[param], recovered_s=recovered)]
 
     def fault_slow_chunk(self) -> list[dict]:
         t = time.time()
@@ -527,17 +536,17 @@ class Chaos:
 
 
 def experiment_spec(spec: JobSpec, fault: str) -> tuple[JobSpec, list[int]]:
-    """The job a fault runs (poison/slow swap in their hooked task) and the chunks that
-    are expected to end dead-lettered."""
+    """The job a fault runs (poison/slow swap in their hooked task) and the points that are
+    expected to end in failures.parquet (the poisoned one)."""
     task = TASK_FOR_FAULT.get(fault)
     if task and spec.task != "reference":
         raise ConfigError(f"fault {fault} is built on the reference task, not {spec.task!r}")
     if task:
         spec = JobSpec(**{**spec.__dict__, "task": task})
-    expect_dead = [poison_param(spec.chunk_size) // spec.chunk_size] if fault == "poison" else []
-    if expect_dead and expect_dead[0] >= spec.chunks_total:
+    expect_failed = [poison_param(spec.chunk_size)] if fault == "poison" else []
+    if expect_failed and expect_failed[0] >= spec.params:
         raise ConfigError("the poison experiment needs at least 4 chunks")
-    return spec, expect_dead
+    return spec, expect_failed
 
 
 def table(summaries: list[dict]) -> str:

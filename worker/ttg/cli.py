@@ -69,6 +69,9 @@ def common_parser() -> argparse.ArgumentParser:
                    help="seconds of retries before 'broker unreachable' (TTG_CONNECT_TIMEOUT)")
     g.add_argument("--min-idle-ms", type=_int, default=_int(env("TTG_MIN_IDLE_MS", "3000")),
                    help="a lease idle this long is reclaimed (TTG_MIN_IDLE_MS, default 3000)")
+    g.add_argument("--code", type=Path, default=env("TTG_CODE"),
+                   help="directory of your task's code, put first on the import path "
+                        "(TTG_CODE)")
     g.add_argument("--prefetch", type=_int, default=_int(env("TTG_PREFETCH", "0")),
                    help="chunks taken ahead per worker (TTG_PREFETCH; 0 = backend default)")
     return p
@@ -81,8 +84,15 @@ def job_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=_int, default=_int(env("TTG_CHUNK_SIZE", "100")))
     g.add_argument("--task", default=env("TTG_TASK", "reference"),
                    help="built-in name or module:function (TTG_TASK)")
-    g.add_argument("--work-ms", type=_float, default=_float(env("TTG_WORK_MS", "1")),
-                   help="simulated work per parameter (TTG_WORK_MS)")
+    g.add_argument("--work-ms", type=_float, default=env("TTG_WORK_MS"),
+                   help="simulated work per point (TTG_WORK_MS; default 1 for the built-in "
+                        "tasks, 0 for your own)")
+    g.add_argument("--space", type=Path, default=env("TTG_SPACE"),
+                   help="parameter space file, YAML or JSON: range, grid, file or random "
+                        "(TTG_SPACE; default: the range 0..params-1)")
+    g.add_argument("--objective", default=env("TTG_OBJECTIVE", ""),
+                   help="the numeric output summarized in the run's result (TTG_OBJECTIVE; "
+                        "default: value, or the first numeric output)")
     g.add_argument("--workers", type=_int, default=_int(env("TTG_WORKERS", "3")),
                    help="fleet size: the static split and the utilization (TTG_WORKERS)")
     g.add_argument("--max-attempts", type=_int, default=_int(env("TTG_MAX_ATTEMPTS", "5")),
@@ -96,11 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    sub.add_parser("validate", parents=[job], help="check a job spec offline")
+    sub.add_parser("validate", parents=[common, job],
+                   help="check a job spec offline: the space, and that the task imports here")
     sub.add_parser("check", parents=[common], help="connect and authenticate to the broker")
     sub.add_parser("submit", parents=[common, job], help="submit a job (idempotent per run id)")
 
     w = sub.add_parser("work", parents=[common], help="run a worker")
+    w.add_argument("--task", default=env("TTG_TASK"),
+                   help="the task(s) this worker may run, comma-separated (TTG_TASK; default: "
+                        "the built-ins only): a job naming another is refused")
     w.add_argument("--worker-id", default=env("TTG_WORKER_ID"))
     w.add_argument("--worker-index", type=_int,
                    default=env("TTG_WORKER_INDEX", env("JOB_COMPLETION_INDEX")))
@@ -193,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reconcile", parents=[common],
                    help="re-enqueue chunks neither done, queued, in flight nor dead")
 
+    rs = sub.add_parser("results", help="export a finished run's per-point results")
+    rs.add_argument("run", help="run id or run directory ('latest' for the latest run)")
+    rs.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")))
+    rs.add_argument("--format", choices=["parquet", "csv", "jsonl"], default="csv")
+    rs.add_argument("-o", "--output", type=Path, help="default: runs/<id>/results.<format>")
+    rs.add_argument("--failures", action="store_true", help="the failed points instead")
+
     d = sub.add_parser("dlq", parents=[common], help="dead-lettered chunks")
     dsub = d.add_subparsers(dest="dlq_cmd", required=True)
     dl = dsub.add_parser("list", parents=[common])
@@ -203,14 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_spec(args: argparse.Namespace, run_id: str) -> JobSpec:
+    from ttg.spaces import load_space_file
+    from ttg.tasks import is_builtin
+
+    params, space = args.params, ""
+    if args.space:
+        loaded = load_space_file(args.space)
+        params, space = loaded.size, ("" if loaded.kind == "range" else loaded.definition)
+    work_ms = args.work_ms
+    if work_ms is None:
+        work_ms = 1.0 if is_builtin(args.task) else 0.0
     return JobSpec(
         run_id=run_id,
-        params=args.params,
+        params=params,
         chunk_size=args.chunk_size,
         task=args.task,
-        work_ms=args.work_ms,
+        work_ms=work_ms,
         workers=args.workers,
         max_attempts=args.max_attempts,
+        space=space,
+        objective=args.objective,
     ).validate()
 
 
@@ -262,7 +295,7 @@ def cmd_work(args: argparse.Namespace) -> int:
     )
     index = int(args.worker_index) if args.worker_index is not None else None
     worker = Worker(get_backend(args.backend, broker_config(args)), run_id, worker_id, index,
-                    exit_when_done=args.exit_when_done)
+                    exit_when_done=args.exit_when_done, allow_tasks=args.task)
     worker.install_signals()
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_addr, run_id=run_id, worker=worker_id,
@@ -276,7 +309,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     from ttg.controller import run_sweep
 
     run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
-    spec, expect_dead = experiment_spec(job_spec(args, run_id), args.fault)
+    spec, expect_failed = experiment_spec(job_spec(args, run_id), args.fault)
     platform = chaos_platform(args, run_id)
     config = broker_config(args)
     chaos = Chaos(args.fault, spec, platform, lambda: get_backend(args.backend, config),
@@ -284,7 +317,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
                   worker_env=worker_env_for(args.fault, spec.chunk_size, args.min_idle_ms))
     backend = connect(args)
     summary = run_sweep(backend, spec, args.platform, args.runs_dir, timeout_s=args.timeout,
-                        stall_s=args.stall_timeout, during=chaos.run, expect_dead=expect_dead)
+                        stall_s=args.stall_timeout, during=chaos.run, expect_failed=expect_failed)
     return finish_run(args, summary)
 
 
@@ -446,13 +479,41 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from ttg.results import export
+
+    run_dir = Path(args.run) if Path(args.run).is_dir() else args.runs_dir / args.run
+    out = export(run_dir.resolve(), args.format, args.output, args.failures)
+    print(out)
+    return 0
+
+
+def use_code(code: Path | None) -> None:
+    """Put the user's code directory first on the import path (and on the workers' path:
+    PYTHONPATH is inherited by every process this one starts)."""
+    if code is None:
+        return
+    if not code.is_dir():
+        raise ConfigError(f"--code {code}: not a directory")
+    path = str(code.resolve())
+    sys.path.insert(0, path)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [path, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tlog.setup(getattr(args, "log_format", "text"), getattr(args, "log_level", "INFO"))
     try:
+        use_code(getattr(args, "code", None))
         if args.cmd == "validate":
-            job_spec(args, "validate")
-            print("job spec ok")
+            from ttg.tasks import load_task
+
+            spec = job_spec(args, "validate")
+            space = spec.get_space()
+            load_task(spec.task, space.names, space.kind)  # imports it, here
+            print(f"job spec ok: task {spec.task}, {space.kind} space of {space.size:,} "
+                  f"points, {spec.chunks_total:,} chunks")
             return 0
         if args.cmd == "check":
             connect(args).close()
@@ -498,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             return bench.main(targets, args.runs_dir, quick=args.quick)
         handler = {"chaos": cmd_chaos, "chaos-table": cmd_chaos_table, "work": cmd_work,
                    "sweep": cmd_sweep, "status": cmd_status, "wait": cmd_wait,
-                   "aggregate": cmd_aggregate, "dlq": cmd_dlq}[args.cmd]
+                   "aggregate": cmd_aggregate, "dlq": cmd_dlq, "results": cmd_results}[args.cmd]
         return handler(args)
     except TTGError as exc:
         print(f"ttg: error: {exc}", file=sys.stderr)

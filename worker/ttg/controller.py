@@ -21,7 +21,8 @@ from ttg.backends.base import Backend, Progress
 from ttg.errors import ConfigError, TTGError
 from ttg.partial import Aggregator
 from ttg.progress import Reporter
-from ttg.sweep import JobSpec, reference_expected_sum
+from ttg.results import ResultsWriter
+from ttg.sweep import JobSpec, reference_expected_sum, reference_value
 from ttg.tasks import REFERENCE_VALUED
 
 log = logging.getLogger("ttg.controller")
@@ -29,6 +30,12 @@ log = logging.getLogger("ttg.controller")
 
 class WaitTimeout(TTGError):
     exit_code = 1
+
+
+class WorkersFailed(TTGError):
+    """The fleet cannot run the job (a task that does not import, a refused task...)."""
+
+    exit_code = 2
 
 
 def wait(
@@ -39,6 +46,7 @@ def wait(
     stall_s: float = 60.0,
     poll_s: float = 0.1,
     tail_poll_s: float = 0.02,
+    on_poll: Callable[[], object] | None = None,
 ) -> Progress:
     """Block until every chunk is done or dead-lettered (or until it cannot progress).
 
@@ -50,11 +58,18 @@ def wait(
     last_key = None
     reconciled_at = 0.0
     while True:
+        if on_poll is not None:
+            on_poll()
         p = backend.progress(run_id)
         if reporter:
             reporter.update(p)
         if p.finished:
             return p
+        errors = backend.worker_errors(run_id)
+        if errors:
+            worker, error = sorted(errors.items())[0]
+            raise WorkersFailed(f"the workers cannot run this job ({len(errors)} said so); "
+                                f"{worker}: {error}")
         now = time.monotonic()
         key = (p.done, p.dead, p.executions)
         if key != last_key:
@@ -91,6 +106,18 @@ def aggregate(backend: Backend, run_id: str, chunks_log: Path | None = None) -> 
     return agg
 
 
+def drain_all(writer: ResultsWriter, backend: Backend, run_id: str, done: set[int],
+              patience_s: float = 10.0) -> None:
+    """Store every row still in transit: until each done chunk's rows are written (a queue
+    broker may still be delivering the last ones), for at most `patience_s`."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        writer.drain(backend, run_id, budget_s=5.0)
+        if done <= writer.written | set(writer.bad) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
 def write_events(backend: Backend, run_id: str, path: Path) -> int:
     """The run's rare events (reclaims, retries, dead letters) as JSON lines."""
     events = backend.events(run_id)
@@ -100,12 +127,18 @@ def write_events(backend: Backend, run_id: str, path: Path) -> int:
     return len(events)
 
 
-def expected_result(spec: JobSpec, expect_dead: list[int]) -> tuple[int, float | None]:
-    """The count and (for the reference formula, or faults built on it) the exact sum of the
-    chunks that should be done: all but the ones expected to be dead-lettered."""
+def expected_result(spec: JobSpec, expect_dead: list[int],
+                    expect_failed: list[int] | None = None) -> tuple[int, float | None]:
+    """The count and (for the reference formula over the range space, or faults built on it)
+    the exact sum of the points that should succeed: all but those of the chunks expected to
+    be dead-lettered and the points expected to fail."""
     count, total = spec.params, None
-    if spec.task in REFERENCE_VALUED:
+    if spec.task in REFERENCE_VALUED and not spec.space:
         total = reference_expected_sum(spec.params)
+    for p in expect_failed or []:
+        count -= 1
+        if total is not None:
+            total -= reference_value(p)
     for chunk in expect_dead:
         start, end = spec.bounds(chunk)
         count -= end - start
@@ -124,18 +157,36 @@ def build_summary(
     wall_s: float,
     faults: list[dict] | None = None,
     expect_dead: list[int] | None = None,
+    results: dict | None = None,
+    expect_failed: list[int] | None = None,
 ) -> dict:
-    """The run summary of DESIGN.md. `ok` means: nothing missing, the exact expected result,
-    and exactly the expected dead letters (none, except in a poison experiment)."""
+    """The run summary of DESIGN.md. `ok` means: nothing missing, exactly one stored row per
+    point (results + failures), the exact expected result, and exactly the expected dead
+    letters and failed points (none, except in a poison experiment). With `results` (the
+    stored rows, `ttg.results`), `result` is computed from the rows; the chunks' partials
+    must agree with it."""
     expect_dead = sorted(expect_dead or [])
+    expect_failed = sorted(expect_failed or [])
     done = agg.seen
     missing = spec.chunks_total - len(done | set(dead))
     result = agg.result()
-    count, expected = expected_result(spec, expect_dead)
+    rows_ok = True
+    if results is not None:
+        rows_result = results.pop("stats")
+        dead_points = sum(spec.bounds(c)[1] - spec.bounds(c)[0] for c in dead
+                          if 0 <= c < spec.chunks_total)
+        rows_ok = (results["duplicate_rows"] == 0
+                   and results["distinct_indices"] == spec.params - dead_points
+                   and results["failed_points"] == len(expect_failed)
+                   and not results["unreadable_chunks"]
+                   and (results["objective"] != "value" or rows_result["count"] == result["count"]))
+        result = rows_result
+    count, expected = expected_result(spec, expect_dead, expect_failed)
     ok = (
         missing == 0
         and dead == expect_dead
-        and result["count"] == count
+        and rows_ok
+        and (results is None or result["count"] == count or results["objective"] != "value")
         and (expected is None or result["sum"] == expected)
     )
     summary = {
@@ -164,6 +215,10 @@ def build_summary(
         summary["dead_lettered"] = dead
     if expect_dead:
         summary["expected_dead_lettered"] = expect_dead
+    if results is not None:
+        summary["results"] = results
+    if expect_failed:
+        summary["expected_failed_points"] = expect_failed
     return summary
 
 
@@ -201,6 +256,14 @@ def human(summary: dict) -> str:
         lines.append(f"  check    sum {mark} the expected {summary['expected_sum']}")
     if summary.get("dead_lettered"):
         lines.append(f"  dead     chunks {summary['dead_lettered'][:20]}")
+    res = summary.get("results")
+    if res:
+        once = res["duplicate_rows"] == 0 and res["missing_indices"] == 0
+        lines.append(f"  results  {res['rows']:,} rows, {res['failed_points']:,} failed points, "
+                     f"one row per point: {'yes' if once else 'NO'}  ({res['path']})")
+        if res["failed_points"]:
+            lines.append(f"  failed   {res['failures_path']}  (ttg results "
+                         f"{summary['run_id']} --failures)")
     for f in summary.get("faults", []):
         if "error" in f:
             lines.append(f"  fault    {f.get('type')}: NOT INJECTED: {f['error']}")
@@ -283,6 +346,7 @@ def run_sweep(
     reporter: Reporter | None = None,
     during: Callable[[], list[dict]] | None = None,
     expect_dead: list[int] | None = None,
+    expect_failed: list[int] | None = None,
 ) -> dict:
     """Submit, wait, aggregate; write runs/<id>/summary.json and runs/latest; return it.
 
@@ -301,11 +365,14 @@ def run_sweep(
         thread.start()
     reporter = reporter or Reporter(spec.params, spec.chunk_size,
                                     record_dir=runs_dir / spec.run_id, run_id=spec.run_id)
+    run_dir = runs_dir / spec.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = ResultsWriter(run_dir)
     while True:
-        progress = wait(backend, spec.run_id, reporter, timeout_s=timeout_s, stall_s=stall_s)
-        run_dir = runs_dir / spec.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
+        progress = wait(backend, spec.run_id, reporter, timeout_s=timeout_s, stall_s=stall_s,
+                        on_poll=lambda: writer.drain(backend, spec.run_id))
         agg = aggregate(backend, spec.run_id, run_dir / "chunks.jsonl")
+        drain_all(writer, backend, spec.run_id, agg.seen)
         write_events(backend, spec.run_id, run_dir / "events.jsonl")
         dead = sorted({d.chunk for d in backend.dead_letters(spec.run_id)} - agg.seen)
         if len(agg.seen) + len(dead) >= spec.chunks_total or not progress.finished:
@@ -317,8 +384,9 @@ def run_sweep(
     if thread is not None:
         thread.join()
     given = measure_faults(list(faults or []), run_dir / "chunks.jsonl", spec.chunks_total)
+    results = writer.finish(spec.params, spec.get_space().names, spec.objective)
     summary = build_summary(spec, backend.name, platform, agg, progress, dead, wall_s,
-                            [*given, *injected], expect_dead)
+                            [*given, *injected], expect_dead, results, expect_failed)
     summary["submit_s"] = round(submit_s, 3)
     summary["controller_max_rss_mb"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

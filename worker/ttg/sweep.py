@@ -1,4 +1,7 @@
-"""The sweep model: N parameters 0..N-1 cut into chunks [k*C, min((k+1)*C, N))."""
+"""The sweep model: N points 0..N-1 cut into chunks [k*C, min((k+1)*C, N)).
+
+Point i is decoded from its index by the job's space (`ttg.spaces`): the range space (the
+default, `space` empty) gives {"p": i}."""
 
 from __future__ import annotations
 
@@ -7,8 +10,12 @@ import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 from ttg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ttg.spaces import Space
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -38,6 +45,13 @@ class JobSpec:
     work_ms: float = 1.0
     workers: int = 1
     max_attempts: int = 5
+    space: str = ""  # the space's canonical JSON (ttg.spaces); empty: the range 0..params-1
+    objective: str = ""  # the numeric output summarized in `result`; empty: `value`
+
+    def get_space(self) -> Space:
+        from ttg.spaces import from_definition, range_space
+
+        return from_definition(self.space) if self.space else range_space(self.params)
 
     @property
     def chunks_total(self) -> int:
@@ -56,11 +70,20 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.work_ms, (int, float)) or self.work_ms < 0:
+        if (not isinstance(self.work_ms, (int, float)) or not math.isfinite(self.work_ms)
+                or self.work_ms < 0):
             raise ConfigError(f"work_ms must be >= 0, got {self.work_ms!r}")
-        from ttg.tasks import load_task  # local: tasks imports nothing heavy, but keep it lazy
+        if self.chunks_total > 10_000_000:
+            raise ConfigError(f"{self.chunks_total} chunks is too many: use a larger chunk size")
+        if self.objective and not self.objective.isidentifier():
+            raise ConfigError(f"objective {self.objective!r} must be an output name")
+        from ttg.tasks import check_task_name
 
-        load_task(self.task)
+        check_task_name(self.task)
+        if self.space:
+            size = self.get_space().size
+            if size != self.params:
+                raise ConfigError(f"params {self.params} is not the space's {size} points")
         return self
 
     def to_fields(self) -> dict[str, str]:

@@ -1,4 +1,9 @@
-"""Tasks: `module:function` taking one parameter index and returning a float.
+"""Tasks: `module:function` taking one point and returning a float or a dict of scalars.
+
+How a point is passed is decided once, from the function's signature (`Task`): parameters
+named after the space's axes (or `**kwargs`) get the values by name (`def run(alpha, beta)`,
+and every built-in, `def f(p)`, over the range space); otherwise a range space passes the
+index itself (the original `f(int) -> float` form) and any other space the point as one dict.
 
 Built-ins (usable by short name): `reference` (the seed formula), `noop`, `cpu` (a CPU-bound
 example), and three fault hooks for chaos tests, inert unless named as the task:
@@ -10,16 +15,17 @@ runner after each parameter, on a deadline so it does not drift.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ttg.errors import ConfigError
-from ttg.partial import Partial
 from ttg.sweep import reference_value
 
-TaskFn = Callable[[int], float]
+TaskFn = Callable[..., Any]
 
 
 def reference(p: int) -> float:
@@ -77,39 +83,76 @@ BUILTINS = {
 }
 
 
-def load_task(path: str) -> TaskFn:
+
+def resolve(path: str) -> TaskFn:
     """Resolve a built-in name or `module:function`; a clear ConfigError otherwise."""
     if path in BUILTINS:
         return BUILTINS[path]
-    module_name, sep, func_name = (path or "").partition(":")
-    if not sep or not module_name or not func_name:
-        raise ConfigError(
-            f"unknown task {path!r}: use one of {', '.join(BUILTINS)} or 'module:function'"
-        )
+    check_task_name(path)
+    module_name, _, func_name = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"task {path!r}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the import raised is the reason
+        raise ConfigError(f"task {path!r}: cannot import module {module_name!r}: "
+                          f"{exc.__class__.__name__}: {exc}") from exc
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise ConfigError(f"task {path!r}: {module_name} has no function {func_name!r}")
     return fn
 
 
-def run_chunk(
-    fn: TaskFn,
-    start: int,
-    end: int,
-    work_ms: float,
-) -> Partial:
-    """Run `fn` over [start, end); sleep `work_ms` per parameter on a fixed deadline."""
-    values = []
-    step = work_ms / 1000.0
-    t0 = time.monotonic()
-    for i, p in enumerate(range(start, end)):
-        values.append(float(fn(p)))
-        if step:
-            delay = t0 + (i + 1) * step - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-    return Partial.of(values)
+def check_task_name(path: str) -> str:
+    """The syntax of a task name (built-in, or `package.module:function`), without importing."""
+    if path in BUILTINS:
+        return path
+    module_name, sep, func_name = (path or "").partition(":")
+    if (not sep or not func_name.isidentifier()
+            or not all(part.isidentifier() for part in module_name.split("."))):
+        raise ConfigError(
+            f"unknown task {path!r}: use one of {', '.join(BUILTINS)} or 'module:function'"
+        )
+    return path
+
+
+def is_builtin(path: str) -> bool:
+    return path in BUILTINS
+
+
+class Task:
+    """A resolved task and how it takes a point of a given space (see the module doc)."""
+
+    def __init__(self, path: str, fn: TaskFn, names: tuple[str, ...], kind: str) -> None:
+        self.path = path
+        self.fn = fn
+        self.names = names
+        self.kind = kind
+        self.style = _call_style(fn, names, kind)
+
+    def call(self, index: int, point: dict | None) -> Any:
+        if self.style == "index":
+            return self.fn(index)
+        if point is None:
+            point = {"p": index}
+        if self.style == "kwargs":
+            return self.fn(**point)
+        return self.fn(point)
+
+
+def _call_style(fn: TaskFn, names: tuple[str, ...], kind: str) -> str:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature (math.sqrt)
+        return "index" if kind == "range" else "dict"
+    params = list(params)
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if kind == "range" and params and params[0].name == "p" and params[0].kind in (
+            params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        return "index"  # f(p): the fastest call, and the same values
+    if any(p.kind == p.VAR_KEYWORD for p in params) or (names and set(names) <= named):
+        return "kwargs"
+    return "index" if kind == "range" else "dict"
+
+
+def load_task(path: str, names: tuple[str, ...] = ("p",), kind: str = "range") -> Task:
+    """The task `path` for points with these axis names, from a space of this kind."""
+    return Task(path, resolve(path), names, kind)

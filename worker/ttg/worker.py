@@ -18,10 +18,22 @@ from types import FrameType
 from ttg import log as tlog
 from ttg import metrics
 from ttg.backends.base import Backend, Delivery
-from ttg.tasks import load_task, run_chunk
+from ttg.errors import ConfigError
+from ttg.rows import encode, run_chunk
+from ttg.spaces import Space
+from ttg.tasks import BUILTINS, Task, load_task
 
 log = logging.getLogger("ttg.worker")
 EXIT_UNFINISHED = 75  # EX_TEMPFAIL: a static worker stopped before its range was done
+EXIT_CONFIG = 2  # the job cannot run here (task refused or not importable): no restart helps
+
+
+def allowed(task: str, allow: str | None) -> bool:
+    """Whether a worker started for `allow` (a comma-separated list of tasks; unset: the
+    built-ins only) may run `task`. The spec comes from the broker; what runs is ours."""
+    if not allow:
+        return task in BUILTINS
+    return task in {t.strip() for t in allow.split(",") if t.strip()}
 
 
 class Worker:
@@ -33,6 +45,7 @@ class Worker:
         worker_index: int | None = None,
         exit_when_done: bool = False,
         poll_s: float = 1.0,
+        allow_tasks: str | None = None,
     ) -> None:
         self.backend = backend
         self.run_id = run_id
@@ -42,9 +55,21 @@ class Worker:
         self.poll_s = poll_s
         self.stopping = False
         backend.stop_requested = lambda: self.stopping
+        self.allow_tasks = allow_tasks
         self.chunks_done = 0
         # Test hook for chaos: die right after the result write, before anything else.
         self._kill_after_write = os.environ.get("TTG_TEST_KILL_AFTER_WRITE") == "1"
+
+    def _prepare(self, spec: object) -> tuple[Task, Space]:
+        """The job's task and space, or ConfigError: refused, not importable, bad space."""
+        task_name = spec.task  # type: ignore[attr-defined]
+        if not allowed(task_name, self.allow_tasks):
+            raise ConfigError(
+                f"refusing task {task_name!r}: this worker was started for "
+                f"{self.allow_tasks or 'the built-in tasks'} (TTG_TASK)")
+        spec.validate()  # type: ignore[attr-defined]
+        space = spec.get_space()  # type: ignore[attr-defined]
+        return load_task(task_name, space.names, space.kind), space
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.stopping:
@@ -64,9 +89,17 @@ class Worker:
             log.info("stopped before the run was submitted")
             self.backend.close()
             return 0
-        task = load_task(spec.task)
-        log.info("joined run: %d chunks of %d, task %s, work_ms %s",
-                 spec.chunks_total, spec.chunk_size, spec.task, spec.work_ms)
+        try:
+            task, space = self._prepare(spec)
+        except ConfigError as exc:
+            log.error("cannot run this job: %s", exc)
+            try:
+                self.backend.report_fatal(str(exc))
+            finally:
+                self.backend.close()
+            return EXIT_CONFIG
+        log.info("joined run: %d chunks of %d, task %s over a %s space, work_ms %s",
+                 spec.chunks_total, spec.chunk_size, spec.task, space.kind, spec.work_ms)
         try:
             while not self.stopping:
                 d = self.backend.next_delivery(self.poll_s)
@@ -79,7 +112,7 @@ class Worker:
                 if self.stopping:
                     self.backend.release(d)
                     break
-                self._execute(d, task, spec.work_ms)
+                self._execute(d, task, space, spec)
             unfinished = (self.stopping and not self.backend.hands_back_work
                           and not self.backend.finished_for_me())
         finally:
@@ -91,17 +124,24 @@ class Worker:
             return EXIT_UNFINISHED
         return 0
 
-    def _execute(self, d: Delivery, task: object, work_ms: float) -> None:
+    def _execute(self, d: Delivery, task: Task, space: Space, spec: object) -> None:
+        """Run the chunk. A point that raises fails the attempt (retried, as a transient
+        error may be); on the last attempt the chunk is stored with those points' errors."""
         extra = {"chunk": d.chunk, "attempt": d.attempt}
         if d.reclaimed:
             metrics.RECLAIMS.inc()
         metrics.IN_FLIGHT.inc()
         t0 = time.time()
         try:
-            partial = run_chunk(task, d.start, d.end, work_ms)  # type: ignore[arg-type]
+            run = run_chunk(task, space, d.start, d.end, spec.work_ms,  # type: ignore[attr-defined]
+                            d.attempt)
+            if run.failed and d.attempt < spec.max_attempts:  # type: ignore[attr-defined]
+                raise _PointsFailed(f"{run.failed} point(s) failed, first: {run.first_error()}")
+            rows = encode(run.table())
         except Exception as exc:  # noqa: BLE001 - any task error is the chunk's failure
             task_s = time.time() - t0
-            error = f"{exc.__class__.__name__}: {exc}"
+            error = str(exc) if isinstance(exc, _PointsFailed) else (
+                f"{exc.__class__.__name__}: {exc}")
             outcome = self.backend.fail(d, error, task_s)
             metrics.CHUNKS_FAILED.labels(outcome).inc()
             (metrics.CHUNKS_DEAD if outcome == "dead" else metrics.CHUNKS_RETRIED).inc()
@@ -113,7 +153,12 @@ class Worker:
         t1 = time.time()
         meta = {"worker": self.worker_id, "started": round(t0, 6), "finished": round(t1, 6),
                 "task_s": round(t1 - t0, 6), "attempt": d.attempt}
-        new = self.backend.complete(d, partial, meta)
+        if run.failed:
+            meta["failed"] = run.failed
+            log.warning("stored with %d failed point(s) after %d attempts: %s", run.failed,
+                        d.attempt, run.first_error(), extra=extra)
+        partial = run.partial(spec.objective or "value")  # type: ignore[attr-defined]
+        new = self.backend.complete(d, partial, meta, rows)
         if self._kill_after_write:
             self.backend.flush()
             os._exit(137)
@@ -121,3 +166,7 @@ class Worker:
         metrics.CHUNKS_DONE.inc()
         metrics.CHUNK_SECONDS.observe(t1 - t0)
         log.debug("chunk done%s", "" if new else " (duplicate: first write kept)", extra=extra)
+
+
+class _PointsFailed(Exception):
+    """Some points of the chunk raised: the attempt fails as a whole (it is retried)."""

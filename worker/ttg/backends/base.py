@@ -148,6 +148,20 @@ class Backend(abc.ABC):
         """Delete the run's data from the broker (after its summary is written)."""
 
     @abc.abstractmethod
+    def take_rows(self, run_id: str, limit: int = 200) -> list[tuple[Any, int, bytes]]:
+        """Up to `limit` chunks' rows in transit, oldest first: (token, chunk, Arrow IPC
+        rows). Only a winning result write adds rows (a queue backend may carry a
+        redelivered chunk's copy too: the reader keeps the first per chunk)."""
+
+    @abc.abstractmethod
+    def drop_rows(self, run_id: str, tokens: list[Any]) -> None:
+        """Delete rows taken by `take_rows` once they are durable in the results dataset."""
+
+    def worker_errors(self, run_id: str) -> dict[str, str]:
+        """Workers that cannot run the job (worker id -> their error): the run stops."""
+        return {}
+
+    @abc.abstractmethod
     def reconcile(self, run_id: str) -> list[int]:
         """Re-enqueue chunks neither done, queued, in flight nor dead; return them."""
 
@@ -168,8 +182,13 @@ class Backend(abc.ABC):
         messages are dead-lettered here with the reason, never returned."""
 
     @abc.abstractmethod
-    def complete(self, delivery: Delivery, partial: Partial, meta: dict) -> bool:
-        """Write the result (first write wins) and ack, together. True if this write won."""
+    def complete(self, delivery: Delivery, partial: Partial, meta: dict,
+                 rows: bytes = b"") -> bool:
+        """Write the result and the chunk's rows (first write wins) and ack, together. True
+        if this write won."""
+
+    def report_fatal(self, error: str) -> None:  # noqa: B027 - optional hook
+        """This worker cannot run the job (its task does not import...): say why, once."""
 
     @abc.abstractmethod
     def fail(self, delivery: Delivery, error: str, task_s: float = 0.0) -> str:

@@ -27,6 +27,10 @@ tracked by sequence number (`_Confirms`), so publishes are pipelined, not one ro
                                 count every attempt. Readable any number of times; `events()`
                                 derives "reclaimed" (at the redelivered chunk's start) and
                                 "retried" from it, "dead_lettered" from the DLQ.
+    ttg.RUN.rows       quorum   a chunk's rows (Arrow IPC, header `chunk`), published with its
+                                result and confirmed before the task's ack; the controller
+                                takes them with basic.get and acks each once it is durable in
+                                runs/<id>/ (duplicates of a redelivered chunk are dropped there)
     ttg.RUN.presence   classic  never published to; each worker consumes it, so its consumer
                                 count is the number of live workers.
 
@@ -139,6 +143,10 @@ class Names:
         return self.q("results")
 
     @property
+    def rows(self) -> str:
+        return self.q("rows")
+
+    @property
     def presence(self) -> str:
         return self.q("presence")
 
@@ -158,6 +166,7 @@ class Topology:
             (n.meta, {"x-queue-type": "stream"}),
             (n.results, {"x-queue-type": "stream"}),
             (n.dlq, {"x-queue-type": "quorum"}),
+            (n.rows, {"x-queue-type": "quorum"}),
             (n.presence, {"x-queue-type": "classic"}),
             (n.tasks, {"x-queue-type": "quorum", "x-delivery-limit": self.delivery_limit,
                        "x-dead-letter-routing-key": n.dlq, **dl}),
@@ -180,6 +189,7 @@ class _Ledger:
     reclaimed: int = 0
     task_s: float = 0.0
     events: list[dict] = field(default_factory=list)  # reclaimed / retried, as read
+    fatal: dict[str, str] = field(default_factory=dict)  # worker -> why it cannot run the job
 
 
 @dataclass
@@ -305,10 +315,11 @@ class _Out:
     by the connection's thread when full, when the worker has nothing else in hand, or
     20 ms after its first result (so results never wait behind a long chunk)."""
 
-    __slots__ = ("entries", "tokens", "fut", "taken")
+    __slots__ = ("entries", "rows", "tokens", "fut", "taken")
 
     def __init__(self) -> None:
         self.entries: list[tuple[str, bytes, dict]] = []
+        self.rows: list[tuple[str, bytes, dict]] = []  # published with the results
         self.tokens: list[tuple[int, int]] = []
         self.fut: Future = Future()
         self.taken = False
@@ -581,6 +592,8 @@ class _IOThread(threading.Thread):
         if len(out.entries) > 1:  # one stream record for the batch: one write, one confirm
             out.entries = [(out.entries[0][0], b"[" + b",".join(e[1] for e in out.entries)
                             + b"]", {"k": "results", "n": len(out.entries)})]
+        out.entries += out.rows  # refused indices then count over results and rows alike
+        out.rows = []
         self.start_batch(out.entries, out.tokens, out.fut)
 
     def post(self, fn: Callable[[], None], out: _Out) -> None:
@@ -817,7 +830,7 @@ class RabbitMQBackend(Backend):
         rec = self._rec(run_id)
         tiers = len(rec["tiers_ms"]) if rec else len(self.tiers_ms)
         n = Names(run_id, tiers)
-        for q in [n.tasks, n.dlq, n.results, n.presence, n.meta,
+        for q in [n.tasks, n.dlq, n.results, n.rows, n.presence, n.meta,
                   *(n.tier(i) for i in range(tiers))]:
             self._ctl(lambda ch, q=q: ch.queue_delete(q), f"delete {q}")
         for cache in (self._ledgers, self._recs, self._tails, self._dlq_cache):
@@ -1155,6 +1168,8 @@ class RabbitMQBackend(Backend):
                     if rec.get("reclaimed"):
                         led.reclaimed += 1
                         led.events.append(_event("reclaimed", rec.get("started"), rec))
+            elif kind == "fatal" and isinstance(data, dict):
+                led.fatal[str(data.get("worker"))] = str(data.get("error"))[:2000]
             elif kind == "fail":
                 led.fails += 1
                 led.task_s += float(data.get("task_s", 0.0))
@@ -1253,6 +1268,48 @@ class RabbitMQBackend(Backend):
                         continue
                     seen.add(chunk)
                     yield chunk, Partial.from_dict(meta), meta
+
+    def report_fatal(self, error: str) -> None:
+        """A worker that cannot run the job says why (a record of the results stream)."""
+        body = json.dumps({"worker": self.worker_id, "error": error[:2000]}).encode()
+        self._ctl(lambda ch: self._publish(ch, self.names.results, body, {"k": "fatal"}),
+                  "report the worker's error")
+
+    def worker_errors(self, run_id: str) -> dict[str, str]:
+        return dict(self._ledger(run_id).fatal)
+
+    def take_rows(self, run_id: str, limit: int = 200) -> list[tuple[Any, int, bytes]]:
+        """Up to `limit` chunks' rows, unacked (basic.get): (token, chunk, rows). They stay in
+        the queue until `drop_rows`; if this channel is lost first, the broker requeues them."""
+        q = Names(run_id).rows
+
+        def fn(ch: BlockingChannel) -> list[tuple[Any, int, bytes]]:
+            out = []
+            for _ in range(limit):
+                method, props, body = ch.basic_get(q, auto_ack=False)
+                if method is None:
+                    break
+                chunk = _header_int(props.headers or {}, "chunk")
+                out.append(((ch, method.delivery_tag), chunk, body))
+            return out
+
+        try:
+            return self._ctl(fn, f"read {q}")
+        except pex.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:  # not submitted yet, or purged
+                return []
+            raise
+
+    def drop_rows(self, run_id: str, tokens: list[Any]) -> None:
+        """Ack rows now durable elsewhere (those of a lost channel were requeued: their copies
+        are recognised by chunk and dropped again)."""
+        live = [tag for ch, tag in tokens if ch is self._ch and ch.is_open]
+        if live:
+            try:
+                self._ch.basic_ack(max(live), multiple=True)  # type: ignore[union-attr]
+            except RETRYABLE as exc:
+                log.info("rows ack lost with the channel (%s): they are read again",
+                         exc.__class__.__name__)
 
     def _read_dlq(self, run_id: str, take: Callable[[DeadLetter, BlockingChannel, int], bool]
                   | None = None) -> list[DeadLetter]:
@@ -1556,7 +1613,7 @@ class RabbitMQBackend(Backend):
         return [token]
 
     def _add_result(self, entry: tuple[str, bytes, dict], tokens: list[tuple[int, int]],
-                    send_now: bool) -> None:
+                    send_now: bool, rows: tuple[str, bytes, dict] | None = None) -> None:
         io = self._io()
         self._reap()
         out, new = self._open_out, False
@@ -1565,6 +1622,8 @@ class RabbitMQBackend(Backend):
                 out, new = _Out(), True
                 io._pending.add(out.fut)  # noqa: SLF001 - failed by a reconnect
             out.entries.append(entry)
+            if rows is not None:
+                out.rows.append(rows)
             out.tokens += tokens
         if new:
             self._open_out = out
@@ -1804,7 +1863,8 @@ class RabbitMQBackend(Backend):
             return 4
         return 2 * self.batch_size()
 
-    def complete(self, delivery: Delivery, partial: Partial, meta: dict) -> bool:
+    def complete(self, delivery: Delivery, partial: Partial, meta: dict,
+                 rows: bytes = b"") -> bool:
         d = delivery
         task_s = float(meta.get("task_s", 0.0))
         self._ewma_task_s = task_s if self._ewma_task_s is None else (
@@ -1813,17 +1873,19 @@ class RabbitMQBackend(Backend):
         body = encode_result(partial, chunk=d.chunk, **meta, **extra)
         entry = (self.names.results, body.encode() if isinstance(body, str) else body,
                  {"k": "result", "chunk": d.chunk})
+        rows_entry = (self.names.rows, rows, {"k": "rows", "chunk": d.chunk})
         new = d.chunk not in self._completed
         self._completed.add(d.chunk)
         if self._kill_between:  # test hook: die once the result is confirmed, before the ack
             self.flush()
-            self._confirmed([entry], [], "write the result")
+            self._confirmed([entry, rows_entry], [], "write the result")
             os._exit(137)
         io = self._io()
         if self.config.prefetch == 0:
             io.want_prefetch = self.prefetch()
         self._add_result(entry, self._token(d.token),
-                         send_now=self._isolated or not (self._held or io.inbox.qsize()))
+                         send_now=self._isolated or not (self._held or io.inbox.qsize()),
+                         rows=rows_entry)
         if self._isolated:
             self._resume()
         return new

@@ -5,6 +5,9 @@ Key layout for a run (one hash tag per run, so a run lives on one cluster slot):
     ttg:{RUN}:meta      hash    the JobSpec, submitted_at, enqueued
     ttg:{RUN}:tasks     stream  chunk messages {c, s, e, a[, err]}; group "workers"
     ttg:{RUN}:results   hash    chunk -> result JSON; HSETNX, so the first write wins
+    ttg:{RUN}:rows      stream  {c: chunk, d: Arrow IPC rows}, added only by the winning
+                                write; the controller deletes each entry once its rows are
+                                durable in runs/<id>/ (so the broker holds only rows in transit)
     ttg:{RUN}:dlq       stream  dead letters {chunk, reason, attempts, worker, at[, raw]}
     ttg:{RUN}:stats     hash    executions, duplicates, reclaimed, retried, task_s
     ttg:{RUN}:workers   hash    worker id -> last heartbeat (epoch seconds)
@@ -36,9 +39,11 @@ log = logging.getLogger("ttg.redis")
 T = TypeVar("T")
 GROUP = "workers"
 
-# KEYS: results, stats, tasks   ARGV: chunk, result, task_s, group, entry id ('' = no ack)
+# KEYS: results, stats, tasks, rows   ARGV: chunk, result, task_s, group, entry id ('' = no
+# ack), rows
 COMPLETE_LUA = """
 local new = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+if new == 1 then redis.call('XADD', KEYS[4], '*', 'c', ARGV[1], 'd', ARGV[6]) end
 redis.call('HINCRBY', KEYS[2], 'executions', 1)
 redis.call('HINCRBYFLOAT', KEYS[2], 'task_s', ARGV[3])
 if new == 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', 1) end
@@ -72,13 +77,16 @@ return 1
 
 
 # The same, for a batch of chunks in one call (fewer round trips and less client work):
-# KEYS: results, stats, tasks   ARGV: group, then (chunk, result, task_s, entry id) repeated
+# KEYS: results, stats, tasks, rows
+# ARGV: group, then (chunk, result, task_s, entry id, rows) repeated
 COMPLETE_BATCH_LUA = """
 local won, dup, task_s = {}, 0, 0
-for i = 2, #ARGV, 4 do
+for i = 2, #ARGV, 5 do
   local new = redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
   task_s = task_s + tonumber(ARGV[i + 2])
-  if new == 0 then dup = dup + 1 end
+  if new == 0 then dup = dup + 1 else
+    redis.call('XADD', KEYS[4], '*', 'c', ARGV[i], 'd', ARGV[i + 4])
+  end
   redis.call('XACK', KEYS[3], ARGV[1], ARGV[i + 3])
   redis.call('XDEL', KEYS[3], ARGV[i + 3])
   won[#won + 1] = new
@@ -109,6 +117,8 @@ class Keys:
         self.go = prefix + "go"
         self.attempts = prefix + "attempts"
         self.events = prefix + "events"
+        self.rows = prefix + "rows"
+        self.fatal = prefix + "fatal"
 
 
 def _is_auth_error(exc: Exception) -> bool:
@@ -142,6 +152,10 @@ class RedisStore(Backend):
         self._dead = self.r.register_script(DEAD_LUA)
         self._create = self.r.register_script(CREATE_META_LUA)
         self._complete_batch = self.r.register_script(COMPLETE_BATCH_LUA)
+        # the rows stream carries bytes (Arrow IPC): read it without decoding responses
+        self.rb = redis.Redis(connection_pool=redis.ConnectionPool.from_url(
+            config.url, password=config.password or None, decode_responses=False,
+            socket_connect_timeout=2, socket_timeout=30, socket_keepalive=True))
         self.worker_id = "controller"
         self.keys: Keys | None = None
         self.spec: JobSpec | None = None
@@ -195,6 +209,7 @@ class RedisStore(Backend):
             except rex.RedisError:
                 pass
         self.r.close()
+        self.rb.close()
 
     # ---- job metadata -----------------------------------------------------------------
     def load_spec(self, run_id: str) -> JobSpec | None:
@@ -220,7 +235,8 @@ class RedisStore(Backend):
     def purge(self, run_id: str) -> None:
         k = Keys(run_id)
         self.retrying(lambda: self.r.delete(k.meta, k.tasks, k.results, k.dlq, k.stats,
-                                            k.workers, k.go, k.attempts, k.events))
+                                            k.workers, k.go, k.attempts, k.events, k.rows,
+                                            k.fatal))
 
     def submitted_at(self, run_id: str) -> float | None:
         value = self.r.hget(Keys(run_id).meta, "submitted_at")
@@ -310,13 +326,43 @@ class RedisStore(Backend):
             )
         )
 
-    def store_result(self, chunk: int, result: str, task_s: float, entry_id: str = "") -> bool:
+    def store_result(self, chunk: int, result: str, task_s: float, entry_id: str = "",
+                     rows: bytes = b"") -> bool:
         assert self.keys is not None
         k = self.keys
         new = self.retrying(
             lambda: self._complete(
-                keys=[k.results, k.stats, k.tasks],
-                args=[chunk, result, f"{task_s:.6f}", GROUP, entry_id],
+                keys=[k.results, k.stats, k.tasks, k.rows],
+                args=[chunk, result, f"{task_s:.6f}", GROUP, entry_id, rows],
             )
         )
         return bool(new)
+
+    # ---- rows in transit (controller) ---------------------------------------------------
+    def take_rows(self, run_id: str, limit: int = 200) -> list[tuple[Any, int, bytes]]:
+        """Up to `limit` chunks' rows not yet dropped, oldest first: (token, chunk, rows)."""
+        k = Keys(run_id)
+        entries = self.retrying(lambda: self.rb.xrange(k.rows, count=limit))
+        out = []
+        for entry_id, fields in entries:
+            try:
+                chunk = int(fields.get(b"c", b"-1"))
+            except ValueError:
+                chunk = -1
+            out.append((entry_id, chunk, fields.get(b"d", b"")))
+        return out
+
+    def drop_rows(self, run_id: str, tokens: list[Any]) -> None:
+        """Delete rows that are now durable elsewhere."""
+        if tokens:
+            k = Keys(run_id)
+            self.retrying(lambda: self.rb.xdel(k.rows, *tokens))
+
+    def report_fatal(self, error: str) -> None:
+        """A worker that cannot run the job says why, for the controller to stop at once."""
+        if self.keys is not None:
+            self.retrying(lambda: self.r.hset(self.keys.fatal, self.worker_id, error[:2000]),
+                          budget_s=self.config.connect_timeout_s)
+
+    def worker_errors(self, run_id: str) -> dict[str, str]:
+        return self.retrying(lambda: self.r.hgetall(Keys(run_id).fatal))

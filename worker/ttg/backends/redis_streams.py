@@ -88,7 +88,7 @@ class RedisStreamsBackend(RedisStore):
         self._last_reclaim = 0.0
         self._own_pel_checked = False
         self._ewma_task_s: float | None = None
-        self._pending: list[tuple[Delivery, str, float]] = []
+        self._pending: list[tuple[Delivery, str, float, bytes]] = []
         self._pending_since = 0.0
 
     @property
@@ -370,7 +370,8 @@ class RedisStreamsBackend(RedisStore):
         with self._lock:
             self._in_hand.pop(d.token, None)
 
-    def complete(self, delivery: Delivery, partial: Partial, meta: dict) -> bool:
+    def complete(self, delivery: Delivery, partial: Partial, meta: dict,
+                 rows: bytes = b"") -> bool:
         """Queue the result+ack script; it is sent with the batch's others in one round trip
         when the batch is full, when the lease buffer is empty, or after 20 ms. Each script
         stays atomic (result and ack together); a crash before the flush loses no result,
@@ -380,7 +381,7 @@ class RedisStreamsBackend(RedisStore):
             0.8 * self._ewma_task_s + 0.2 * task_s)
         if not self._pending:
             self._pending_since = time.monotonic()
-        self._pending.append((delivery, encode_result(partial, **meta), task_s))
+        self._pending.append((delivery, encode_result(partial, **meta), task_s, rows))
         if (not self._buffer or len(self._pending) >= self.batch_size()
                 or time.monotonic() - self._pending_since > 0.02):
             self.flush()
@@ -393,11 +394,11 @@ class RedisStreamsBackend(RedisStore):
         k, pending = self.keys, self._pending
 
         args: list = [GROUP]
-        for d, result, task_s in pending:
-            args += [d.chunk, result, f"{task_s:.6f}", d.token]
-        won = self.retrying(lambda: self._complete_batch(keys=[k.results, k.stats, k.tasks],
-                                                         args=args))
-        for (d, _r, _t), new in zip(pending, won, strict=True):
+        for d, result, task_s, rows in pending:
+            args += [d.chunk, result, f"{task_s:.6f}", d.token, rows]
+        won = self.retrying(lambda: self._complete_batch(
+            keys=[k.results, k.stats, k.tasks, k.rows], args=args))
+        for (d, *_), new in zip(pending, won, strict=True):
             self._drop(d)
             if not new:
                 log.info("duplicate result ignored: first write kept", extra={"chunk": d.chunk})

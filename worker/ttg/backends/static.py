@@ -127,9 +127,10 @@ class StaticBackend(RedisStore):
             self.event("reclaimed", chunk=chunk, attempt=attempt, delivery=started)
         return Delivery(self.spec.run_id, chunk, start, end, attempt, reclaimed=lost > 0)
 
-    def complete(self, delivery: Delivery, partial: Partial, meta: dict) -> bool:
+    def complete(self, delivery: Delivery, partial: Partial, meta: dict,
+                 rows: bytes = b"") -> bool:
         return self.store_result(delivery.chunk, encode_result(partial, **meta),
-                                 float(meta.get("task_s", 0.0)))
+                                 float(meta.get("task_s", 0.0)), rows=rows)
 
     def fail(self, delivery: Delivery, error: str, task_s: float = 0.0) -> str:
         assert self.spec is not None and self.keys is not None
