@@ -23,8 +23,11 @@ PLATFORM ?= local## local | kind | aks
 PARAMS ?= 10000## parameters in the sweep
 CHUNK ?= 100## parameters per chunk
 WORKERS ?= 3## worker processes
-WORK_MS ?= 1## simulated ms of work per parameter
-TASK ?= reference## built-in task name or module:function
+WORK_MS ?=## simulated ms of work per point (empty: 1 for built-in tasks, 0 for yours)
+TASK ?= reference## built-in task name or module:function (your function over one point)
+CODE ?=## directory of your task's code (and its requirements.txt), put on the workers' path
+SPACE ?=## parameter space file (YAML/JSON: range, grid, file, random); empty: 0..PARAMS-1
+OBJECTIVE ?=## numeric output summarized in the run's result and report (empty: value)
 RUN_ID ?=## empty: generated as YYYYmmdd-HHMMSS-xxxx
 FAULT ?= all## chaos: comma-separated faults (ttg chaos-plan lists them) or all
 AT ?= 0.3## chaos: progress at which a fault strikes
@@ -37,8 +40,9 @@ PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 INVENTORY := inventories/$(if $(wildcard inventories/$(PLATFORM)/hosts.yml),$(PLATFORM),local)
 SWEEP_VARS := -e 'ttg_platform=$(PLATFORM)' -e 'ttg_backend=$(BACKEND)' -e 'ttg_params=$(PARAMS)' \
-	-e 'ttg_chunk_size=$(CHUNK)' -e 'ttg_workers=$(WORKERS)' -e 'ttg_work_ms=$(WORK_MS)' \
-	-e 'ttg_task=$(TASK)' -e 'ttg_run_id=$(RUN_ID)'
+	-e 'ttg_chunk_size=$(CHUNK)' -e 'ttg_workers=$(WORKERS)' $(if $(WORK_MS),-e 'ttg_work_ms=$(WORK_MS)') \
+	-e 'ttg_task=$(TASK)' -e 'ttg_run_id=$(RUN_ID)' -e 'ttg_objective=$(OBJECTIVE)' \
+	-e 'ttg_code=$(if $(CODE),$(abspath $(CODE)))' -e 'ttg_space=$(if $(SPACE),$(abspath $(SPACE)))'
 PLAYBOOK := ansible-playbook -i $(INVENTORY)
 
 ##@ General

@@ -117,7 +117,9 @@ def test_fault_loses_nothing(fault, backend, tmp_path):
         assert s["ok"], (s, r.stderr[-3000:])
         assert s["chunks_missing"] == 0
         if fault == "poison":
-            assert s["dead_lettered"] == [3] and s["result"]["count"] == 1980
+            assert s["chunks_dead_lettered"] == 0 and s["result"]["count"] == 1999
+            assert s["results"]["failed_points"] == 1 and s["expected_failed_points"] == [60]
+            assert s["result"]["sum"] == s["expected_sum"]
         else:
             assert s["result"]["sum"] == s["expected_sum"]
         if fault in ("worker-kill", "worker-kill-repeat"):

@@ -10,9 +10,9 @@ import pytest
 from ttg.cli import main
 from ttg.errors import ConfigError
 from ttg.partial import Aggregator, Partial, decode_result, encode_result
-from ttg.sweep import JobSpec, reference_expected_sum, reference_value, static_range
 from ttg.rows import run_chunk
 from ttg.spaces import range_space
+from ttg.sweep import JobSpec, reference_expected_sum, reference_value, static_range
 from ttg.tasks import load_task
 
 

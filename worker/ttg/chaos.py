@@ -74,11 +74,13 @@ TASK_FOR_FAULT = {"poison": "poison", "slow-chunk": "slow"}
 
 
 def worker_env_for(fault: str, spec_chunk_size: int, min_idle_ms: int) -> dict[str, str]:
-    """The extra worker environment a fault needs (the fleet is started with it)."""
+    """The extra worker environment a fault needs (the fleet is started with it), with the
+    hooked task the fault runs as the workers' only task (TTG_TASK)."""
     if fault == "poison":
-        return {"TTG_POISON_PARAM": str(poison_param(spec_chunk_size))}
+        return {"TTG_POISON_PARAM": str(poison_param(spec_chunk_size)), "TTG_TASK": "poison"}
     if fault == "slow-chunk":
-        return {"TTG_SLOW_PARAM": "0", "TTG_SLOW_S": f"{3 * min_idle_ms / 1000:.1f}"}
+        return {"TTG_SLOW_PARAM": "0", "TTG_SLOW_S": f"{3 * min_idle_ms / 1000:.1f}",
+                "TTG_TASK": "slow"}
     return {}
 
 
@@ -556,7 +558,8 @@ def table(summaries: list[dict]) -> str:
     `redone` the chunks a kill interrupted (done again from the start; `?` when the backend
     cannot tell what the victim held); `redundant` the
     executions beyond one per chunk (duplicates and failed attempts); `dup effects` is 0 when
-    the sum is exact (a chunk counted twice would change it)."""
+    the sum is exact (a chunk counted twice would change it) and the stored results hold no
+    index twice; `lost` also counts the points without a stored row."""
     rows = [("fault", "backend", "platform", "lost", "redone", "redundant", "dup effects",
              "recovered_s", "ok")]
     for s in summaries:
@@ -567,15 +570,19 @@ def table(summaries: list[dict]) -> str:
         rec = [f["recovered_s"] for f in faults if f.get("recovered_s") is not None]
         expected_dead = set(s.get("expected_dead_lettered", []))
         lost = s["chunks_missing"] + len(set(s.get("dead_lettered", [])) - expected_dead)
+        res = s.get("results") or {}
         exact = s.get("expected_sum") is None or s["result"]["sum"] == s["expected_sum"]
+        dups = res.get("duplicate_rows", 0)
         # chunks a kill interrupted (their partial work is lost and done again); "?" where
         # the backend cannot tell what the victim held (RabbitMQ: the broker does not say)
         held = [f.get("held") for f in faults if f["type"].startswith("worker-kill")]
         redone = "?" if any(h is None for h in held) else str(sum(len(h) for h in held))
         rows.append((
-            "+".join(kinds), s["backend"], s["platform"], str(lost), redone,
+            "+".join(kinds), s["backend"], s["platform"],
+            str(lost) + (f" (+{res['missing_indices']} points)" if res.get("missing_indices")
+                         else ""), redone,
             str(s["executions"] - s["chunks_done"] - s["chunks_dead_lettered"]),
-            "0" if exact else "SUM WRONG",
+            (str(dups) + (" rows" if dups else "")) if exact else "SUM WRONG",
             "/".join(f"{r:.2f}" for r in rec) if rec else "-",
             "yes" if s["ok"] else "NO",
         ))

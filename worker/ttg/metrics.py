@@ -67,6 +67,7 @@ CHUNKS_DONE: Any = NOOP
 CHUNKS_FAILED: Any = NOOP
 CHUNKS_RETRIED: Any = NOOP
 CHUNKS_DEAD: Any = NOOP
+POINTS_FAILED: Any = NOOP
 CHUNK_SECONDS: Any = NOOP
 RECLAIMS: Any = NOOP
 IN_FLIGHT: Any = NOOP
@@ -91,7 +92,7 @@ def metrics_addr(addr: str | None = None) -> str:
 def setup_worker(registry: Any = None, **labels: str) -> None:
     """Create the worker's real metrics in `registry` (default: the global one)."""
     global CHUNKS_DONE, CHUNKS_FAILED, CHUNKS_RETRIED, CHUNKS_DEAD, CHUNK_SECONDS
-    global RECLAIMS, IN_FLIGHT, HEARTBEAT, WORKER_INFO
+    global RECLAIMS, IN_FLIGHT, HEARTBEAT, WORKER_INFO, POINTS_FAILED
     import prometheus_client as pc
 
     reg = registry if registry is not None else pc.REGISTRY
@@ -106,6 +107,9 @@ def setup_worker(registry: Any = None, **labels: str) -> None:
     CHUNKS_DEAD = pc.Counter("ttg_chunks_dead_lettered_total",
                              "Failed chunks sent to the dead-letter queue by this worker",
                              registry=reg)
+    POINTS_FAILED = pc.Counter("ttg_points_failed_total",
+                               "Points stored with their error after the chunk's last attempt",
+                               registry=reg)
     CHUNK_SECONDS = pc.Histogram("ttg_chunk_duration_seconds", "Time inside the task per chunk",
                                  buckets=DURATION_BUCKETS, registry=reg)
     RECLAIMS = pc.Counter("ttg_chunks_reclaimed_total", "Chunks taken over from a lost worker",
@@ -208,8 +212,9 @@ def serve_controller(port: int, addr: str | None = None) -> int:
 def reset() -> None:
     """Back to the no-op stand-ins (tests)."""
     global CHUNKS_DONE, CHUNKS_FAILED, CHUNKS_RETRIED, CHUNKS_DEAD, CHUNK_SECONDS
-    global RECLAIMS, IN_FLIGHT, HEARTBEAT, WORKER_INFO, _run
+    global RECLAIMS, IN_FLIGHT, HEARTBEAT, WORKER_INFO, _run, POINTS_FAILED
     CHUNKS_DONE = CHUNKS_FAILED = CHUNKS_RETRIED = CHUNKS_DEAD = CHUNK_SECONDS = NOOP
+    POINTS_FAILED = NOOP
     RECLAIMS = IN_FLIGHT = HEARTBEAT = WORKER_INFO = NOOP
     _run = None
 

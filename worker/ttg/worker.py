@@ -155,6 +155,7 @@ class Worker:
                 "task_s": round(t1 - t0, 6), "attempt": d.attempt}
         if run.failed:
             meta["failed"] = run.failed
+            metrics.POINTS_FAILED.inc(run.failed)
             log.warning("stored with %d failed point(s) after %d attempts: %s", run.failed,
                         d.attempt, run.first_error(), extra=extra)
         partial = run.partial(spec.objective or "value")  # type: ignore[attr-defined]
