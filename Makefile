@@ -28,6 +28,7 @@ TASK ?= reference## built-in task name or module:function (your function over on
 CODE ?=## directory of your task's code (and its requirements.txt), put on the workers' path
 SPACE ?=## parameter space file (YAML/JSON: range, grid, file, random); empty: 0..PARAMS-1
 OBJECTIVE ?=## numeric output summarized in the run's result and report (empty: value)
+GOAL ?= min## report: the best points have the smallest (min) or largest (max) OBJECTIVE
 RUN_ID ?=## empty: generated as YYYYmmdd-HHMMSS-xxxx
 FAULT ?= all## chaos: comma-separated faults (ttg chaos-plan lists them) or all
 AT ?= 0.3## chaos: progress at which a fault strikes
@@ -85,7 +86,8 @@ chaos: setup ## One sweep per fault (FAULT=a,b or all), each verified; then what
 
 .PHONY: report
 report: setup ## Write runs/<RUN_ID or latest>/report.md with its plots, from what the run recorded
-	ttg report $(if $(RUN_ID),--run-dir runs/$(RUN_ID),--runs-dir runs)
+	ttg report $(if $(RUN_ID),--run-dir runs/$(RUN_ID),--runs-dir runs) \
+	  $(if $(OBJECTIVE),--objective $(OBJECTIVE)) --goal $(GOAL)
 
 .PHONY: monitor
 monitor: setup ## Attach to a running local run: live progress until it finishes (RUN_ID, BACKEND)

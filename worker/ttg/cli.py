@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--run-dir", type=Path, help="runs/<run_id> (default: the latest run)")
     rp.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")),
                     help="where runs live; the latest one is reported (TTG_RUNS_DIR)")
+    rp.add_argument("--objective", default=None,
+                    help="output to rank the best points by (default: the run's objective)")
+    rp.add_argument("--goal", choices=["min", "max"], default="min",
+                    help="best = smallest (min, default) or largest (max) objective")
 
     c = sub.add_parser("chaos", parents=[common, job],
                        help="a sweep with one fault injected, measured and verified")
@@ -538,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "report":
             from ttg.report import report_cli
 
-            return report_cli(args.run_dir, args.runs_dir)
+            return report_cli(args.run_dir, args.runs_dir, args.objective, args.goal)
         if args.cmd == "chaos-plan":
             from ttg.chaos import faults_for, worker_env_for
 

@@ -217,6 +217,11 @@ def build_summary(
         summary["expected_dead_lettered"] = expect_dead
     if results is not None:
         summary["results"] = results
+    if spec.space:
+        space = spec.get_space()
+        summary["space"] = {"type": space.kind, "names": list(space.names), "size": space.size}
+    if spec.objective:
+        summary["objective"] = spec.objective
     if expect_failed:
         summary["expected_failed_points"] = expect_failed
     return summary

@@ -498,22 +498,31 @@ def render(data: dict, plots: list[str], plot_error: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, objective: str | None = None, goal: str = "min") -> Path:
     """Write report.md, the PNGs and report.json in `run_dir`; return report.md's path."""
+    from ttg import results_report
+
     data = analyse(run_dir)
+    computed = results_report.analyse(run_dir, data["summary"], objective, goal)
     plots: list[str] = []
     error = None
     try:
         plots = plot(data, run_dir)
+        if computed is not None:
+            plots += results_report.plot(computed, run_dir)
     except ImportError as exc:
         error = f"matplotlib is not installed ({exc}); pip install matplotlib"
     public = {k: v for k, v in data.items() if not k.startswith("_")}
     public["plots"] = plots
+    public["results"] = computed
     tmp = run_dir / "report.json.tmp"
     tmp.write_text(json.dumps(public, indent=1) + "\n")
     os.replace(tmp, run_dir / "report.json")
     path = run_dir / "report.md"
-    path.write_text(render(data, plots, error) + "\n")
+    text = render(data, plots, error)
+    if computed is not None:
+        text += "\n" + "\n".join(results_report.render(computed, plots))
+    path.write_text(text + "\n")
     return path
 
 
@@ -528,9 +537,10 @@ def try_report(run_dir: Path) -> Path | None:
     return path
 
 
-def report_cli(run_dir: Path | None, runs_dir: Path) -> int:
-    path = write_report(find_run_dir(run_dir, runs_dir))
+def report_cli(run_dir: Path | None, runs_dir: Path, objective: str | None = None,
+               goal: str = "min") -> int:
+    path = write_report(find_run_dir(run_dir, runs_dir), objective, goal)
     size = sum(p.stat().st_size for p in path.parent.iterdir()
-               if p.name in {"report.md", "report.json", *PLOTS})
+               if p.name in {"report.md", "report.json", "outputs.png", "heatmap.png", *PLOTS})
     print(f"report: {path} ({size / 1024:.0f} KiB with plots)")
     return 0
