@@ -42,7 +42,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 INVENTORY := inventories/$(if $(wildcard inventories/$(PLATFORM)/hosts.yml),$(PLATFORM),local)
 SWEEP_VARS := -e 'ttg_platform=$(PLATFORM)' -e 'ttg_backend=$(BACKEND)' -e 'ttg_params=$(PARAMS)' \
 	-e 'ttg_chunk_size=$(CHUNK)' -e 'ttg_workers=$(WORKERS)' $(if $(WORK_MS),-e 'ttg_work_ms=$(WORK_MS)') \
-	-e 'ttg_task=$(TASK)' -e 'ttg_run_id=$(RUN_ID)' -e 'ttg_objective=$(OBJECTIVE)' \
+	-e 'ttg_task=$(TASK)' -e 'ttg_run_id=$(RUN_ID)' -e 'ttg_objective=$(OBJECTIVE)' -e 'ttg_goal=$(GOAL)' \
 	-e 'ttg_code=$(if $(CODE),$(abspath $(CODE)))' -e 'ttg_space=$(if $(SPACE),$(abspath $(SPACE)))'
 PLAYBOOK := ansible-playbook -i $(INVENTORY)
 

@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where runs live; the latest one is reported (TTG_RUNS_DIR)")
     rp.add_argument("--objective", default=None,
                     help="output to rank the best points by (default: the run's objective)")
-    rp.add_argument("--goal", choices=["min", "max"], default="min",
-                    help="best = smallest (min, default) or largest (max) objective")
+    rp.add_argument("--goal", choices=["min", "max"], default=env("TTG_GOAL", "min"),
+                    help="best = smallest (min, default) or largest (max) objective (TTG_GOAL)")
 
     c = sub.add_parser("chaos", parents=[common, job],
                        help="a sweep with one fault injected, measured and verified")

@@ -529,7 +529,7 @@ def write_report(run_dir: Path, objective: str | None = None, goal: str = "min")
 def try_report(run_dir: Path) -> Path | None:
     """For `ttg sweep --report`: a report failure must not fail the run."""
     try:
-        path = write_report(run_dir)
+        path = write_report(run_dir, goal=os.environ.get("TTG_GOAL") or "min")
     except Exception as exc:  # noqa: BLE001 - report best-effort at the end of a run
         log.warning("could not write the run report in %s: %s", run_dir, exc)
         return None
