@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reconcile", parents=[common],
                    help="re-enqueue chunks neither done, queued, in flight nor dead")
 
+    im = sub.add_parser("image", help="stage the worker image's build context with your code "
+                                      "and print its content-derived tag")
+    im.add_argument("--worker-dir", type=Path, default=Path(__file__).resolve().parents[1])
+    im.add_argument("--code", type=Path, default=env("TTG_CODE"))
+    im.add_argument("--context", type=Path, required=True, help="directory to write it to")
+    im.add_argument("--version", default="0.1.0")
+
     rs = sub.add_parser("results", help="export a finished run's per-point results")
     rs.add_argument("run", help="run id or run directory ('latest' for the latest run)")
     rs.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")))
@@ -483,6 +490,15 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    from ttg.image import stage
+
+    tag = stage(args.worker_dir.resolve(), args.code.resolve() if args.code else None,
+                args.context, args.version)
+    print(json.dumps({"tag": tag, "context": str(args.context.resolve())}))
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from ttg.results import export
 
@@ -509,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tlog.setup(getattr(args, "log_format", "text"), getattr(args, "log_level", "INFO"))
     try:
-        use_code(getattr(args, "code", None))
+        if args.cmd != "image":
+            use_code(getattr(args, "code", None))
         if args.cmd == "validate":
             from ttg.tasks import load_task
 
@@ -563,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench.main(targets, args.runs_dir, quick=args.quick)
         handler = {"chaos": cmd_chaos, "chaos-table": cmd_chaos_table, "work": cmd_work,
                    "sweep": cmd_sweep, "status": cmd_status, "wait": cmd_wait,
-                   "aggregate": cmd_aggregate, "dlq": cmd_dlq, "results": cmd_results}[args.cmd]
+                   "aggregate": cmd_aggregate, "dlq": cmd_dlq, "results": cmd_results,
+                   "image": cmd_image}[args.cmd]
         return handler(args)
     except TTGError as exc:
         print(f"ttg: error: {exc}", file=sys.stderr)

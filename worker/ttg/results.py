@@ -185,23 +185,17 @@ class _Bitmap:
     """Which indices 0..N-1 have a row (one byte per index; 10 MB for 10M points)."""
 
     def __init__(self, n: int) -> None:
-        import numpy as np
-
-        self.np = np
-        self.seen = np.zeros(n, dtype=np.bool_)
+        self.seen = bytearray(n)
         self.distinct = 0
         self.n = n
 
     def add(self, column: Any) -> None:
-        idx = column.to_numpy()
-        idx = idx[(idx >= 0) & (idx < self.n)]
-        uniq = self.np.unique(idx)
-        new = uniq[~self.seen[uniq]]
-        self.seen[new] = True
-        self.distinct += len(new)
-
-    def __repr__(self) -> str:
-        return f"_Bitmap({self.distinct}/{self.n})"
+        seen, n, new = self.seen, self.n, 0
+        for i in column.to_pylist():
+            if 0 <= i < n and not seen[i]:
+                seen[i] = 1
+                new += 1
+        self.distinct += new
 
 
 class _Stats:
