@@ -304,3 +304,18 @@ def test_chunks_with_different_output_types_are_unified(tmp_path):
     assert t.schema.field("n").type == pa.float64()
     assert t["n"].to_pylist() == [1.0, 2.0, 2.5] and t["extra"].to_pylist() == [None, None, "e"]
     assert info["objective"] == "n" and math.isclose(info["stats"]["sum"], 5.5)
+
+
+def test_the_vectorized_index_check_and_the_plain_one_agree():
+    from ttg.results import _Bitmap, _Stats
+
+    cols = [pa.array([0, 1, 2, 2, 7, -1, 99, None], pa.int64()), pa.array([3, 2, 9], pa.int64())]
+    fast, plain = _Bitmap(10), _Bitmap(10, vectorized=False)
+    for col in cols:
+        fast.add(col)
+        plain.add(col)
+    assert fast.distinct == plain.distinct == 6
+    assert fast.seen == plain.seen
+    st = _Stats()
+    st.add(pa.chunked_array([[0.1] * 10, [None, float("nan"), 0.2]]).slice(1))
+    assert st.result() == {"count": 10, "sum": 1.1, "min": 0.1, "max": 0.2}

@@ -7,10 +7,14 @@ against an already running broker and measures:
 2. no-op throughput: 100,000 chunks of `noop`: chunks/s;
 3. per-chunk overhead (lease -> result written -> ack), p50/p99, from the gaps between one
    worker's consecutive chunks in the no-op run (each gap is one ack plus one lease);
-4. scale: 10,000,000 parameters (10,000 chunks of 1,000, `noop`): submit time, wall, broker
-   memory at its peak, controller peak RSS;
+4. scale: 10,000,000 points (10,000 chunks of 1,000, `noop2`: two float outputs per point,
+   every row stored in results.parquet): submit time, wall, rows/s into the results dataset,
+   broker memory at its peak, controller peak RSS;
 5. reclaim latency after SIGKILL: from the kill to the chunk running again elsewhere;
-6. the static baseline on the same sweeps, side by side.
+6. the static baseline on the same sweeps, side by side;
+7. CPU-bound, side by side with what a user would pick on one machine: the `cpu` task over
+   200,000 points with `multiprocessing.Pool(2)` vs the fleet with 2 workers (throughput
+   ratio; Redis only).
 
 A benchmark reports; it does not fail on a slow machine. Results: runs/bench/<stamp>.json,
 runs/bench/latest.json and a table on stdout.
@@ -46,8 +50,10 @@ TARGETS = {
     ("noop", "chunks_per_s", "redis"): (">=", 10000),
     ("noop", "chunks_per_s", "rabbitmq"): (">=", 3000),
     ("overhead", "p50_ms", "redis"): ("<=", 1.0),
-    ("scale", "broker_peak_mb", "redis"): ("<=", 64),
-    ("scale", "controller_rss_mb"): ("<=", 200),
+    ("scale", "broker_peak_mb", "redis"): ("<=", 128),
+    ("scale", "controller_rss_mb"): ("<=", 300),
+    ("scale", "rows_per_s", "redis"): (">=", 1_000_000),
+    ("cpu", "ratio_to_pool", "redis"): (">=", 0.9),
     ("reclaim", "seconds", "redis"): ("<=", 5.0),
     ("reclaim", "seconds", "rabbitmq"): ("<=", 2.0),
 }
@@ -219,8 +225,10 @@ def bench_backend(target: Target, runs_dir: Path, quick: bool) -> dict:
     log.warning("[%s] scale: %d parameters in chunks of 1,000", b, params)
     with BrokerMemory(target) as mem:
         base = mem.sample()
-        s = sweep(target, runs_dir, params, 1000, "noop", 0)
+        s = sweep(target, runs_dir, params, 1000, "noop2", 0)
+    rows = (s.get("results") or {}).get("rows", 0)
     out["scale"] = {"params": params, "submit_s": s.get("submit_s"), "wall_s": s["wall_s"],
+                    "rows": rows, "rows_per_s": round(rows / s["wall_s"]) if s["wall_s"] else 0,
                     "broker_peak_mb": round(mem.peak / 2**20, 1),
                     "broker_growth_mb": round(max(mem.peak - base, 0) / 2**20, 1),
                     "controller_rss_mb": s.get("controller_max_rss_mb"), "ok": s["ok"]}
@@ -236,7 +244,29 @@ def bench_backend(target: Target, runs_dir: Path, quick: bool) -> dict:
         s = sweep(target, runs_dir, 3000, 100, "reference", 5, during=during)
         rec = [f.get("recovered_s") for f in s["faults"]]
         out["reclaim"] = {"seconds": rec[0] if rec else None, "ok": s["ok"]}
+    if b == "redis":
+        n = 200_000 // scale
+        log.warning("[%s] CPU-bound: %d points, Pool(2) vs 2 workers", b, n)
+        pool_s = pool_seconds(n)
+        s = sweep(target, runs_dir, n, 1000, "cpu", 0, workers=2)
+        out["cpu"] = {"points": n, "pool_s": round(pool_s, 3), "fleet_s": s["wall_s"],
+                      "ratio_to_pool": round(pool_s / s["wall_s"], 3) if s["wall_s"] else 0,
+                      "ok": s["ok"]}
     return out
+
+
+def pool_seconds(n: int) -> float:
+    """What one machine's usual tool takes: multiprocessing.Pool(2) over the same points,
+    started and warm before the clock starts, like the fleet."""
+    import multiprocessing
+
+    from ttg.tasks import cpu
+
+    with multiprocessing.Pool(2) as pool:
+        pool.map(cpu, range(2))  # both processes up
+        t0 = time.perf_counter()
+        pool.map(cpu, range(n), chunksize=1000)
+        return time.perf_counter() - t0
 
 
 def check_targets(results: dict) -> list[dict]:
@@ -256,16 +286,23 @@ def check_targets(results: dict) -> list[dict]:
 
 def table(results: dict, targets: list[dict]) -> str:
     lines = [f"{'backend':<9} {'reference wall/ideal':>21} {'util':>5} {'noop ch/s':>10} "
-             f"{'ovh p50/p99 ms':>15} {'10M wall':>9} {'submit':>7} {'broker MB':>10} "
-             f"{'ctl RSS':>8} {'reclaim s':>10}"]
+             f"{'ovh p50/p99 ms':>15} {'10M wall':>9} {'rows/s':>10} {'submit':>7} "
+             f"{'broker MB':>10} {'ctl RSS':>8} {'reclaim s':>10}"]
     for b, r in results.items():
         ref, noop, ovh = r["reference"], r["noop"], r["overhead"]
         sc, rec = r["scale"], r.get("reclaim", {})
         lines.append(
             f"{b:<9} {ref['wall_s']:>12.2f} / {ref['ideal_s']:<6.2f} {ref['utilization']:>5.2f} "
             f"{noop['chunks_per_s']:>10,} {str(ovh['p50_ms']):>7}/{str(ovh['p99_ms']):<7} "
-            f"{sc['wall_s']:>9.1f} {str(sc['submit_s']):>7} {sc['broker_peak_mb']:>10} "
+            f"{sc['wall_s']:>9.1f} {sc.get('rows_per_s', 0):>10,} {str(sc['submit_s']):>7} "
+            f"{sc['broker_peak_mb']:>10} "
             f"{str(sc['controller_rss_mb']):>8} {str(rec.get('seconds', '-')):>10}")
+    for b, r in results.items():
+        if "cpu" in r:
+            c = r["cpu"]
+            lines.append(f"cpu-bound ({b}): {c['points']:,} points, Pool(2) {c['pool_s']} s, "
+                         f"2 workers {c['fleet_s']} s: {c['ratio_to_pool']:.2f} of Pool's "
+                         "throughput")
     lines.append("")
     lines.append("targets:")
     for t in targets:

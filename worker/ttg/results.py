@@ -182,24 +182,41 @@ def _pick_objective(schema: pa.Schema, outputs: list[str], wanted: str) -> str |
 
 
 class _Bitmap:
-    """Which indices 0..N-1 have a row (one byte per index; 10 MB for 10M points)."""
+    """Which indices 0..N-1 have a row (one byte per index; 10 MB for 10M points). With
+    numpy (the controller's venv has it) the marking is vectorized; without it (the slim
+    worker image) a plain loop does the same."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, vectorized: bool = True) -> None:
         self.seen = bytearray(n)
         self.distinct = 0
         self.n = n
+        try:
+            import numpy as np
+        except ImportError:
+            np = None  # noqa: N806
+        self.np = np if vectorized else None
 
     def add(self, column: Any) -> None:
-        seen, n, new = self.seen, self.n, 0
+        if self.np is not None:
+            np = self.np
+            seen = np.frombuffer(self.seen, dtype=np.uint8)
+            idx = pc.drop_null(column).to_numpy()
+            idx = np.unique(idx[(idx >= 0) & (idx < self.n)])
+            new = idx[seen[idx] == 0]
+            seen[new] = 1
+            self.distinct += len(new)
+            return
+        seen, n, new_count = self.seen, self.n, 0
         for i in column.to_pylist():
-            if 0 <= i < n and not seen[i]:
+            if i is not None and 0 <= i < n and not seen[i]:
                 seen[i] = 1
-                new += 1
-        self.distinct += new
+                new_count += 1
+        self.distinct += new_count
 
 
 class _Stats:
-    """count/sum/min/max of a numeric column, summed exactly (fsum of per-batch fsums)."""
+    """count/sum/min/max of a numeric column, summed exactly: math.fsum over the column's
+    float64 buffer (pyarrow's public buffers), then over the per-batch sums."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -208,12 +225,17 @@ class _Stats:
         self.max = -math.inf
 
     def add(self, column: Any) -> None:
-        values = [v for v in column.to_pylist() if v is not None and math.isfinite(v)]
-        if values:
-            self.count += len(values)
-            self.sums.append(math.fsum(values))
-            self.min = min(self.min, min(values))
-            self.max = max(self.max, max(values))
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        arr = arr.cast(pa.float64())
+        arr = arr.filter(pc.fill_null(pc.is_finite(arr), False))
+        if not len(arr):
+            return
+        values = memoryview(arr.buffers()[1]).cast("d")[arr.offset:arr.offset + len(arr)]
+        self.count += len(arr)
+        self.sums.append(math.fsum(values))
+        mm = pc.min_max(arr).as_py()
+        self.min = min(self.min, mm["min"])
+        self.max = max(self.max, mm["max"])
 
     def result(self) -> dict:
         if not self.count:

@@ -36,6 +36,11 @@ def noop(p: int) -> float:
     return 0.0
 
 
+def noop2(p: int) -> dict:
+    """No work, two float outputs: what the results path costs per row."""
+    return {"x": 0.0, "y": 1.0}
+
+
 def cpu(p: int) -> float:
     """A CPU-bound example: about 20k floating point operations per parameter."""
     acc = 0.0
@@ -76,6 +81,7 @@ REFERENCE_VALUED = frozenset({"reference", "poison", "crash", "slow"})
 BUILTINS = {
     "reference": reference,
     "noop": noop,
+    "noop2": noop2,
     "cpu": cpu,
     "poison": poison,
     "crash": crash,
