@@ -76,6 +76,10 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tests", ".*cache"),
     )
     shutil.copy(ROOT / "worker" / ".dockerignore", ctx / ".dockerignore")
+    # a user's code, as `ttg image` stages it (make CODE=dir): under code/ in the context
+    (ctx / "code").mkdir()
+    (ctx / "code" / "tinysim.py").write_text(
+        "def run(p):\n    return {'double': 2.0 * p, 'odd': p % 2 == 1}\n")
     dl = run(
         [
             sys.executable,
@@ -145,6 +149,15 @@ def test_help_and_validate_as_uid_1000_read_only(image: str) -> None:
     assert r.returncode == 0 and "job spec ok" in r.stdout, r.stdout + r.stderr
     r = docker("run", "--rm", *SECURE, "--network", "none", "--entrypoint", "id", image)
     assert r.stdout.strip() == "uid=1000(ttg) gid=1000(ttg) groups=1000(ttg)", r.stdout
+
+
+def test_the_users_code_is_in_the_image_and_runs(image: str) -> None:
+    r = docker("run", "--rm", *SECURE, "--network", "none", image, "validate", "--task",
+               "tinysim:run", "--params", "10", "--chunk-size", "5")
+    assert r.returncode == 0 and "job spec ok: task tinysim:run" in r.stdout, r.stdout + r.stderr
+    r = docker("run", "--rm", *SECURE, "--network", "none", "--entrypoint", "python3", image,
+               "-c", "import os, tinysim; print(os.environ['TTG_CODE'], tinysim.run(21))")
+    assert r.stdout.strip() == "/opt/ttg/code {'double': 42.0, 'odd': True}", r.stderr
 
 
 def test_image_metadata_and_size(image: str) -> None:
