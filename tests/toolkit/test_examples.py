@@ -21,7 +21,7 @@ from .helpers import ROOT, Platform, free_port
 EXAMPLES = {
     # name: (task, sample of point indices recomputed here, objective, tolerance)
     "oscillator": ("oscillator:run", [0, 17, 40, 71], "amplitude", 1e-9),
-    "model_selection": ("select:score", [0, 12, 24], "accuracy", 1e-12),
+    "model_selection": ("wine_svm:score", [0, 12, 24], "accuracy", 1e-12),
 }
 CASES = [(name, backend) for name in EXAMPLES for backend in ("redis", "rabbitmq", "static")]
 

@@ -234,13 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_inline_space(text: str) -> object:
+    """--space '{"type": "grid", ...}': the definition itself (how a cluster Job gets it)."""
+    from ttg.spaces import parse_space
+
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--space: inline JSON does not parse: {exc}") from None
+    return parse_space(data)
+
+
 def job_spec(args: argparse.Namespace, run_id: str) -> JobSpec:
     from ttg.spaces import load_space_file
     from ttg.tasks import is_builtin
 
     params, space = args.params, ""
     if args.space:
-        loaded = load_space_file(args.space)
+        text = str(args.space).strip()
+        loaded = parse_inline_space(text) if text.startswith("{") else load_space_file(args.space)
         params, space = loaded.size, ("" if loaded.kind == "range" else loaded.definition)
     work_ms = args.work_ms
     if work_ms is None:
