@@ -103,7 +103,10 @@ def resolve(path: str) -> TaskFn:
                           f"{exc.__class__.__name__}: {exc}") from exc
     fn = getattr(module, func_name, None)
     if not callable(fn):
-        raise ConfigError(f"task {path!r}: {module_name} has no function {func_name!r}")
+        where = getattr(module, "__file__", None) or "built into Python"
+        raise ConfigError(f"task {path!r}: {module_name} ({where}) has no function "
+                          f"{func_name!r}; if that is not your module, yours is shadowed by it: "
+                          "rename yours")
     return fn
 
 
