@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--faults-json", default=None,
                    help="the same list inline (an in-cluster Job has no file to read)")
     s.add_argument("--json", action="store_true", help="print only the JSON summary")
+    s.add_argument("--hold-for-fetch", type=_float, default=0.0, metavar="S",
+                   help="after the run, keep running up to S seconds until runs/<id>/.fetched "
+                        "exists (a cluster Job whose run directory is copied out)")
     s.add_argument("--metrics-port", type=_int, default=0,
                    help="serve the run's progress gauges on this port (0 = off)")
     s.add_argument("--metrics-addr", default=env("TTG_METRICS_ADDR", "127.0.0.1"))
@@ -374,8 +377,27 @@ def finish_run(args: argparse.Namespace, summary: dict) -> int:
         try_report(args.runs_dir / summary["run_id"])
     if not args.json:
         print(human(summary))
-    print(json.dumps(summary))
+    print(json.dumps(summary), flush=True)
+    hold = getattr(args, "hold_for_fetch", 0)
+    if hold:
+        hold_for_fetch(args.runs_dir / summary["run_id"], hold)
     return 0 if summary["ok"] else 1
+
+
+def hold_for_fetch(run_dir: Path, timeout_s: float) -> bool:
+    """In a cluster Job: mark the run directory complete, then wait (at most `timeout_s`)
+    until whoever copies it out (k8s_app) says it has it, so the pod, and its emptyDir with
+    the results, outlives the copy. True if it was fetched."""
+    (run_dir / ".complete").write_text(f"{time.time():.3f}\n")
+    log.info("run directory complete: waiting up to %.0f s for it to be fetched", timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (run_dir / ".fetched").exists():
+            return True
+        time.sleep(1.0)
+    log.warning("nobody fetched %s within %.0f s: exiting (the results are lost with the pod)",
+                run_dir, timeout_s)
+    return False
 
 
 def cmd_chaos_table(args: argparse.Namespace) -> int:
