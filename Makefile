@@ -115,9 +115,11 @@ TEST_JOBS ?= 4## make test: how many of lint, pytest and the Molecule scenarios 
 PYTEST_WORKERS ?= 6## make test: pytest-xdist workers (the tests mostly wait on brokers and sleeps)
 MOLECULE_ROLES := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
 
+# make test: pytest first (the longest), lint and the Molecule scenarios beside it; each part's
+# output is shown whole when it ends (--output-sync), and any failure fails make test.
 .PHONY: test
 test: setup ## Everything a contributor keeps green: lint, molecule, pytest (in parallel)
-	$(MAKE) --jobs=$(TEST_JOBS) --keep-going --output-sync=target lint molecule pytest
+	$(MAKE) --jobs=$(TEST_JOBS) --keep-going --output-sync=target pytest lint molecule
 
 .PHONY: pytest
 pytest: setup ## The pytest suite, PYTEST_WORKERS at once (what tests share: conftest.py)
