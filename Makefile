@@ -117,17 +117,30 @@ manifests: setup ## Render kind/aks x redis/rabbitmq/static manifests into build
 
 ##@ Test
 
+TEST_JOBS ?= 4## make test: how many of lint, pytest and the Molecule scenarios run at once
+PYTEST_WORKERS ?= 6## make test: pytest-xdist workers (the tests mostly wait on brokers and sleeps)
+MOLECULE_ROLES := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
+
+# make test: pytest first (the longest), lint and the Molecule scenarios beside it; each part's
+# output is shown whole when it ends (--output-sync), and any failure fails make test.
 .PHONY: test
-test: lint molecule ## Everything a contributor keeps green: lint, molecule, pytest
-	pytest -m "not lint and not molecule" worker/tests tests
+test: setup ## Everything a contributor keeps green: lint, molecule, pytest (in parallel)
+	$(MAKE) --jobs=$(TEST_JOBS) --keep-going --output-sync=target pytest lint molecule
+
+.PHONY: pytest
+pytest: setup ## The pytest suite, PYTEST_WORKERS at once (what tests share: conftest.py)
+	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL pytest --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup -m "not lint and not molecule" worker/tests tests
 
 .PHONY: lint
 lint: setup ## ruff, yamllint, ansible-lint (production profile), playbook syntax checks
-	ruff check worker tests
+	ruff check .
 	yamllint --strict .
 	ansible-lint
 	$(PLAYBOOK) --syntax-check site.yml playbooks/*.yml
 
 .PHONY: molecule
-molecule: setup ## Molecule scenario of every role (delegated driver, local connection)
-	for role in roles/*/; do (cd "$$role" && molecule test); done
+molecule: $(addprefix molecule-,$(MOLECULE_ROLES)) ## Molecule scenario of every role (delegated driver, local connection)
+
+.PHONY: $(addprefix molecule-,$(MOLECULE_ROLES))
+$(addprefix molecule-,$(MOLECULE_ROLES)): molecule-%: setup
+	cd roles/$* && molecule test

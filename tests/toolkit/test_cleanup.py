@@ -1,4 +1,4 @@
-"""playbooks/cleanup.yml on a real local platform: it lists, asks, and removes only the project's."""
+"""make clean (the cleanup role) on a real local platform: it lists, asks, removes only ours."""
 
 from __future__ import annotations
 

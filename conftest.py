@@ -1,0 +1,32 @@
+"""How the suite runs in parallel (`make pytest`: pytest-xdist with `--dist loadgroup`).
+
+Every test makes its own broker, state dir, ports and temporary files, so tests run on any
+worker. The few that share something costly are kept on one worker with an `xdist_group`:
+
+- `k8s-manifests`: the session-scoped rendering of every manifest (tests/k8s/conftest.py) is
+  ~200 template tasks; rendered once on one worker, not once per worker.
+- `docker`: the worker-image tests build one image (a module fixture) in the one Docker daemon.
+- `kind`: the live-cluster tests share one Kind cluster (a module fixture).
+
+A test that asks for its group explicitly (`@pytest.mark.xdist_group(...)`) keeps it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+SHARED_FIXTURES = {"render_dir": "k8s-manifests", "manifests": "k8s-manifests"}
+SHARED_MARKS = {"docker": "docker", "live": "kind"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Runs before xdist's own hook (trylast), which turns the marks into scheduling groups.
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        group = next(
+            (g for f, g in SHARED_FIXTURES.items() if f in getattr(item, "fixturenames", ())),
+            None,
+        ) or next((g for m, g in SHARED_MARKS.items() if item.get_closest_marker(m)), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
