@@ -54,20 +54,39 @@ help: ## Show this help
 ##@ Setup
 
 .PHONY: setup
-setup: $(VENV)/.installed ## Create .venv from requirements.lock and install the worker (ttg)
+setup: $(VENV)/.installed ## Create .venv with what make demo needs (requirements.lock) and the worker (ttg)
 
-$(VENV)/.installed: requirements.lock worker/pyproject.toml
+# The collections the playbooks use, copied from the pinned ansible wheel (not the whole bundle).
+ANSIBLE_BUNDLE := 12.3.0
+COLLECTIONS := community/general kubernetes/core azure/azcollection
+PIP := $(VENV)/bin/pip --disable-pip-version-check
+
+$(VENV)/.installed: requirements.lock worker/pyproject.toml scripts/install-collections.py
+	@echo "setup: building $(VENV) from requirements.lock (runtime only; make dev adds the test tools)"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e worker
+	$(PIP) install --quiet -r requirements.lock
+	$(PIP) download --quiet --no-deps --dest .cache/wheels ansible==$(ANSIBLE_BUNDLE)
+	$(VENV)/bin/python scripts/install-collections.py .cache/wheels/ansible-$(ANSIBLE_BUNDLE)-py3-none-any.whl \
+	  "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" $(COLLECTIONS)
+	$(PIP) install --quiet --no-deps -e worker
+	touch $@
+
+.PHONY: dev
+dev: $(VENV)/.installed-dev ## setup + what only contributors need (requirements-dev.lock: lint, molecule, pytest)
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.lock
+	$(PIP) install --quiet -r requirements.lock -r requirements-dev.lock
 	touch $@
 
 .PHONY: lock
-lock: ## Re-pin requirements.lock from requirements.txt (needs the registry)
+lock: ## Re-pin requirements.lock and requirements-dev.lock from the .txt files (needs the registry)
 	rm -rf .cache/lockvenv && $(PYTHON) -m venv .cache/lockvenv
 	.cache/lockvenv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
-	{ echo "# Pinned by 'make lock' from requirements.txt (Python 3.11). Install: pip install -r requirements.lock"; \
+	{ echo "# Runtime pins (make setup), by 'make lock' from requirements.txt (Python 3.11)."; \
 	  .cache/lockvenv/bin/pip freeze --exclude-editable; } > requirements.lock
+	.cache/lockvenv/bin/pip install --quiet --disable-pip-version-check -c requirements.lock -r requirements-dev.txt
+	{ echo "# Dev-only pins (make dev), by 'make lock' from requirements-dev.txt (Python 3.11)."; \
+	  .cache/lockvenv/bin/pip freeze --exclude-editable | grep -vxFf requirements.lock; } > requirements-dev.lock
 
 ##@ Run
 
@@ -116,12 +135,12 @@ test: lint molecule ## Everything a contributor keeps green: lint, molecule, pyt
 	pytest -m "not lint and not molecule" worker/tests tests
 
 .PHONY: lint
-lint: setup ## ruff, yamllint, ansible-lint (production profile), playbook syntax checks
+lint: dev ## ruff, yamllint, ansible-lint (production profile), playbook syntax checks
 	ruff check worker tests
 	yamllint --strict .
 	ansible-lint
 	$(PLAYBOOK) --syntax-check site.yml playbooks/*.yml
 
 .PHONY: molecule
-molecule: setup ## Molecule scenario of every role (delegated driver, local connection)
+molecule: dev ## Molecule scenario of every role (delegated driver, local connection)
 	for role in roles/*/; do (cd "$$role" && molecule test); done
