@@ -517,12 +517,14 @@ class Chaos:
         frac = self.wait_until(min(self.at, 0.5))
         t_up = time.time()
         added = [self.platform.add_worker(f"extra-{i}", {}) for i in range(2)]
-        recs = [self.record("scale-up", "+2 workers", t_up, frac, recovered_s=0.0)]
+        recs = [self.record("scale-up", "+2 workers", t_up, frac, recovered_s=0.0,
+                            workers_delta=len(added))]
         frac = self.wait_until(min(self.at + 0.3, 0.9))
         t_down = time.time()
         codes = [self.platform.stop_added(h, signal.SIGTERM) for h in added]
         recs.append(self.record("scale-down", "-2 workers", t_down, frac, exit_codes=codes,
-                                recovered_s=0.0))
+                                recovered_s=0.0, workers_delta=-len(added),
+                                stopped_at=round(time.time(), 3)))
         return recs
 
 

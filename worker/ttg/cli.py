@@ -1,6 +1,7 @@
 """`ttg`: submit, work, sweep, status, wait, aggregate, reconcile, dlq, report, check, validate.
 
-Every option has a `TTG_*` environment variable; flags win over the environment.
+The broker, run and job options (and those whose help names one) have a `TTG_*` environment
+variable; flags win over the environment; a bad value is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ttg import log as tlog
 from ttg.backends import BACKENDS, get_backend
@@ -50,6 +52,24 @@ def _float(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
 
 
+def _env_typed(name: str, default: str, conv: type[int] | type[float], what: str) -> Any:
+    value = env(name, default)
+    try:
+        return conv(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not {what}: unset it or give {what}") from None
+
+
+def env_int(name: str, default: str) -> int:
+    """A TTG_* variable holding an integer; a bad value is a ConfigError naming it."""
+    return _env_typed(name, default, int, "a whole number")
+
+
+def env_float(name: str, default: str) -> float:
+    """A TTG_* variable holding a number; a bad value is a ConfigError naming it."""
+    return _env_typed(name, default, float, "a number")
+
+
 def common_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("broker and run (each also a TTG_* variable)")
@@ -65,11 +85,11 @@ def common_parser() -> argparse.ArgumentParser:
                    default=env("TTG_LOG_FORMAT", "text"), help="TTG_LOG_FORMAT")
     g.add_argument("--log-level", default=env("TTG_LOG_LEVEL", "INFO"), help="TTG_LOG_LEVEL")
     g.add_argument("--connect-timeout", type=_float,
-                   default=_float(env("TTG_CONNECT_TIMEOUT", "10")),
+                   default=env_float("TTG_CONNECT_TIMEOUT", "10"),
                    help="seconds of retries before 'broker unreachable' (TTG_CONNECT_TIMEOUT)")
-    g.add_argument("--min-idle-ms", type=_int, default=_int(env("TTG_MIN_IDLE_MS", "3000")),
+    g.add_argument("--min-idle-ms", type=_int, default=env_int("TTG_MIN_IDLE_MS", "3000"),
                    help="a lease idle this long is reclaimed (TTG_MIN_IDLE_MS, default 3000)")
-    g.add_argument("--prefetch", type=_int, default=_int(env("TTG_PREFETCH", "0")),
+    g.add_argument("--prefetch", type=_int, default=env_int("TTG_PREFETCH", "0"),
                    help="chunks taken ahead per worker (TTG_PREFETCH; 0 = backend default)")
     return p
 
@@ -77,15 +97,15 @@ def common_parser() -> argparse.ArgumentParser:
 def job_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("job (each also a TTG_* variable)")
-    g.add_argument("--params", type=_int, default=_int(env("TTG_PARAMS", "10000")))
-    g.add_argument("--chunk-size", type=_int, default=_int(env("TTG_CHUNK_SIZE", "100")))
+    g.add_argument("--params", type=_int, default=env_int("TTG_PARAMS", "10000"))
+    g.add_argument("--chunk-size", type=_int, default=env_int("TTG_CHUNK_SIZE", "100"))
     g.add_argument("--task", default=env("TTG_TASK", "reference"),
                    help="built-in name or module:function (TTG_TASK)")
-    g.add_argument("--work-ms", type=_float, default=_float(env("TTG_WORK_MS", "1")),
+    g.add_argument("--work-ms", type=_float, default=env_float("TTG_WORK_MS", "1"),
                    help="simulated work per parameter (TTG_WORK_MS)")
-    g.add_argument("--workers", type=_int, default=_int(env("TTG_WORKERS", "3")),
+    g.add_argument("--workers", type=_int, default=env_int("TTG_WORKERS", "3"),
                    help="fleet size: the static split and the utilization (TTG_WORKERS)")
-    g.add_argument("--max-attempts", type=_int, default=_int(env("TTG_MAX_ATTEMPTS", "5")),
+    g.add_argument("--max-attempts", type=_int, default=env_int("TTG_MAX_ATTEMPTS", "5"),
                    help="executions before a chunk is dead-lettered (TTG_MAX_ATTEMPTS)")
     return p
 
@@ -106,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env("TTG_WORKER_INDEX", env("JOB_COMPLETION_INDEX")))
     w.add_argument("--exit-when-done", action="store_true",
                    default=env("TTG_EXIT_WHEN_DONE", "0") == "1")
-    w.add_argument("--metrics-port", type=_int, default=_int(env("TTG_METRICS_PORT", "0")),
+    w.add_argument("--metrics-port", type=_int, default=env_int("TTG_METRICS_PORT", "0"),
                    help="serve Prometheus metrics on this port (TTG_METRICS_PORT; 0 = off)")
     w.add_argument("--metrics-addr", default=env("TTG_METRICS_ADDR", "127.0.0.1"),
                    help="address for the metrics port (TTG_METRICS_ADDR, default 127.0.0.1)")
@@ -447,7 +467,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ConfigError as exc:  # a TTG_* variable with a bad value: one line, no traceback
+        print(f"ttg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    args = parser.parse_args(argv)
     tlog.setup(getattr(args, "log_format", "text"), getattr(args, "log_level", "INFO"))
     try:
         if args.cmd == "validate":

@@ -114,6 +114,19 @@ def expected_result(spec: JobSpec, expect_dead: list[int]) -> tuple[int, float |
     return count, None if total is None else round(total, 6)
 
 
+def worker_seconds(workers: int, wall_s: float, faults: list[dict], t_end: float) -> float:
+    """The worker-seconds that existed during the run: the fleet over the wall time, plus or
+    minus what a `scale` fault added (from its record's `at`) or removed (from `stopped_at`)."""
+    total = workers * wall_s
+    for f in faults:
+        delta = f.get("workers_delta")
+        if isinstance(delta, int) and delta:
+            since = f.get("stopped_at", f.get("at")) if delta < 0 else f.get("at")
+            if isinstance(since, (int, float)):
+                total += delta * min(max(t_end - since, 0.0), wall_s)
+    return total
+
+
 def build_summary(
     spec: JobSpec,
     backend_name: str,
@@ -124,6 +137,7 @@ def build_summary(
     wall_s: float,
     faults: list[dict] | None = None,
     expect_dead: list[int] | None = None,
+    t_end: float | None = None,
 ) -> dict:
     """The run summary of DESIGN.md. `ok` means: nothing missing, the exact expected result,
     and exactly the expected dead letters (none, except in a poison experiment)."""
@@ -132,6 +146,8 @@ def build_summary(
     missing = spec.chunks_total - len(done | set(dead))
     result = agg.result()
     count, expected = expected_result(spec, expect_dead)
+    worker_s = worker_seconds(spec.workers, wall_s, faults or [],
+                              time.time() if t_end is None else t_end)
     ok = (
         missing == 0
         and dead == expect_dead
@@ -154,7 +170,7 @@ def build_summary(
         "executions": progress.executions,
         "result": result,
         "wall_s": round(wall_s, 3),
-        "utilization": round(progress.task_s / (spec.workers * wall_s), 3) if wall_s else 0.0,
+        "utilization": round(progress.task_s / worker_s, 3) if worker_s > 0 else 0.0,
         "faults": faults or [],
         "ok": ok,
     }
@@ -318,7 +334,7 @@ def run_sweep(
         thread.join()
     given = measure_faults(list(faults or []), run_dir / "chunks.jsonl", spec.chunks_total)
     summary = build_summary(spec, backend.name, platform, agg, progress, dead, wall_s,
-                            [*given, *injected], expect_dead)
+                            [*given, *injected], expect_dead, t_end=t0 + wall_s)
     summary["submit_s"] = round(submit_s, 3)
     summary["controller_max_rss_mb"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
