@@ -31,6 +31,7 @@ AT ?= 0.3## chaos: progress at which a fault strikes
 DRY_RUN ?=## clean: 1 = list what would be stopped, touch nothing
 CONFIRM ?=## clean: yes = do not ask
 ANSIBLE_ARGS ?=## extra ansible-playbook arguments, e.g. -e ttg_state_dir=/tmp/x -v
+VERBOSE ?=## 1 = Ansible's full output and the commands (default: one line per stage, errors last)
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -40,6 +41,13 @@ SWEEP_VARS := -e 'ttg_platform=$(PLATFORM)' -e 'ttg_backend=$(BACKEND)' -e 'ttg_
 	-e 'ttg_chunk_size=$(CHUNK)' -e 'ttg_workers=$(WORKERS)' -e 'ttg_work_ms=$(WORK_MS)' \
 	-e 'ttg_task=$(TASK)' -e 'ttg_run_id=$(RUN_ID)'
 PLAYBOOK := ansible-playbook -i $(INVENTORY)
+# Quiet by default (ansible.cfg: the project's stdout callback); VERBOSE=1: everything.
+ifneq ($(VERBOSE),)
+export ANSIBLE_STDOUT_CALLBACK := ansible.builtin.default
+Q :=
+else
+Q := @
+endif
 
 ##@ General
 
@@ -63,13 +71,13 @@ PIP := $(VENV)/bin/pip --disable-pip-version-check
 
 $(VENV)/.installed: requirements.lock worker/pyproject.toml scripts/install-collections.py
 	@echo "setup: building $(VENV) from requirements.lock (runtime only; make dev adds the test tools)"
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -r requirements.lock
-	$(PIP) download --quiet --no-deps --dest .cache/wheels ansible==$(ANSIBLE_BUNDLE)
-	$(VENV)/bin/python scripts/install-collections.py .cache/wheels/ansible-$(ANSIBLE_BUNDLE)-py3-none-any.whl \
+	$(Q)$(PYTHON) -m venv $(VENV)
+	$(Q)$(PIP) install --quiet -r requirements.lock
+	$(Q)$(PIP) download --quiet --no-deps --dest .cache/wheels ansible==$(ANSIBLE_BUNDLE)
+	$(Q)$(VENV)/bin/python scripts/install-collections.py .cache/wheels/ansible-$(ANSIBLE_BUNDLE)-py3-none-any.whl \
 	  "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" $(COLLECTIONS)
-	$(PIP) install --quiet --no-deps -e worker
-	touch $@
+	$(Q)$(PIP) install --quiet --no-deps -e worker
+	$(Q)touch $@
 
 .PHONY: dev
 dev: $(VENV)/.installed-dev ## setup + what only contributors need (requirements-dev.lock: lint, molecule, pytest)
@@ -92,7 +100,7 @@ lock: ## Re-pin requirements.lock and requirements-dev.lock from the .txt files 
 
 .PHONY: demo
 demo: setup ## Run a sweep end to end on PLATFORM with BACKEND and print the verified result
-	$(PLAYBOOK) site.yml $(SWEEP_VARS) $(ANSIBLE_ARGS)
+	$(Q)$(PLAYBOOK) site.yml $(SWEEP_VARS) $(ANSIBLE_ARGS)
 
 .PHONY: chaos
 chaos: setup ## One sweep per fault (FAULT=a,b or all), each verified; then what each fault cost
@@ -109,7 +117,7 @@ monitor: setup ## Attach to a running local run: live progress until it finishes
 
 .PHONY: status
 status: setup ## What the project has running where: processes, ports, data dirs, runs, disk (read-only)
-	$(PLAYBOOK) playbooks/status.yml -e ttg_platform=$(PLATFORM) $(ANSIBLE_ARGS)
+	$(Q)$(PLAYBOOK) playbooks/status.yml -e ttg_platform=$(PLATFORM) $(ANSIBLE_ARGS)
 
 .PHONY: recover
 recover: setup ## After a reboot or a crash: bring the platform back, verify the data, resume the run

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ttg.backends.base import Backend, Progress
 from ttg.errors import ConfigError
+from ttg.progress import note_fault
 from ttg.sweep import JobSpec
 
 if TYPE_CHECKING:
@@ -387,6 +388,7 @@ class Chaos:
         rec = {"type": kind, "target": target, "at": round(at, 3),
                "at_progress": round(frac, 3), **extra}
         log.warning("fault injected: %s", rec)
+        note_fault()
         return rec
 
     # ---- faults -----------------------------------------------------------------------
