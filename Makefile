@@ -31,6 +31,7 @@ AT ?= 0.3## chaos: progress at which a fault strikes
 DRY_RUN ?=## clean: 1 = list what would be stopped, touch nothing
 CONFIRM ?=## clean: yes = do not ask
 ANSIBLE_ARGS ?=## extra ansible-playbook arguments, e.g. -e ttg_state_dir=/tmp/x -v
+DASHBOARD_PORT ?= 8765## dashboard: port of the web view (bound to 127.0.0.1)
 VERBOSE ?=## 1 = Ansible's full output and the commands (default: one line per stage, errors last)
 
 VENV ?= .venv
@@ -114,6 +115,12 @@ report: setup ## Write runs/<RUN_ID or latest>/report.md with its plots, from wh
 monitor: setup ## Attach to a running local run: live progress until it finishes (RUN_ID, BACKEND)
 	TTG_BROKER_PASSWORD_FILE=.state/secrets/$(if $(filter rabbitmq,$(BACKEND)),rabbitmq,redis).pass \
 	  ttg status --watch --backend $(BACKEND) --run-id $(or $(RUN_ID),$$(basename "$$(readlink runs/latest)"))
+
+.PHONY: dashboard
+dashboard: setup ## A live, read-only web view of the runs (127.0.0.1:DASHBOARD_PORT; Ctrl-C stops)
+	$(Q)TTG_BROKER_PASSWORD_FILE=$(abspath .state/secrets)/$(if $(filter rabbitmq,$(BACKEND)),rabbitmq,redis).pass \
+	  ttg serve --runs-dir runs --port $(DASHBOARD_PORT) --backend $(BACKEND) \
+	  $(if $(wildcard .state/secrets/*.pass),--live)
 
 .PHONY: status
 status: setup ## What the project has running where: processes, ports, data dirs, runs, disk (read-only)

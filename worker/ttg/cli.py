@@ -213,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reconcile", parents=[common],
                    help="re-enqueue chunks neither done, queued, in flight nor dead")
 
+    sv = sub.add_parser("serve", parents=[common],
+                        help="a live, read-only web view of the runs (127.0.0.1 by default)")
+    sv.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")),
+                    help="where runs live (TTG_RUNS_DIR)")
+    sv.add_argument("--host", default=env("TTG_SERVE_HOST", "127.0.0.1"),
+                    help="address to bind (TTG_SERVE_HOST, default 127.0.0.1)")
+    sv.add_argument("--port", type=_int, default=env_int("TTG_SERVE_PORT", "8765"),
+                    help="port (TTG_SERVE_PORT, default 8765; 0 = any free port)")
+    sv.add_argument("--live", action="store_true",
+                    help="also read a running run's progress and dead letters from the broker")
+
     d = sub.add_parser("dlq", parents=[common], help="dead-lettered chunks")
     dsub = d.add_subparsers(dest="dlq_cmd", required=True)
     dl = dsub.add_parser("list", parents=[common])
@@ -521,6 +532,15 @@ def main(argv: list[str] | None = None) -> int:
                                     args.rabbitmq_password_file if b == "rabbitmq"
                                     else args.redis_password_file) for b in names]
             return bench.main(targets, args.runs_dir, quick=args.quick)
+        if args.cmd == "serve":
+            from ttg import dashboard
+
+            live = dashboard.broker_reader(lambda: connect(args)) if args.live else None
+            try:
+                dashboard.serve(args.runs_dir, args.host, args.port, live)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+            return 0
         handler = {"chaos": cmd_chaos, "chaos-table": cmd_chaos_table, "work": cmd_work,
                    "sweep": cmd_sweep, "status": cmd_status, "wait": cmd_wait,
                    "aggregate": cmd_aggregate, "dlq": cmd_dlq}[args.cmd]
