@@ -49,6 +49,8 @@ ROLE_STAGE = {
     "chaos": "chaos",
 }
 K8S_FILE_STAGE = {"fleet.yml": "fleet", "sweep.yml": "sweep"}
+# Playbooks that are a report of their own: no stage lines around it.
+NO_STAGES = {"status.yml", "cleanup.yml"}
 PLAIN_INTERVAL_S = float(os.environ.get("TTG_PROGRESS_INTERVAL", "5") or 5)
 
 
@@ -130,18 +132,19 @@ class ProgressTail:
 
     def _run_plain(self) -> None:
         last_shown = 0.0
-        shown: str | None = None
+        shown: tuple | None = None
         pending: dict | None = None
         while True:
             stopping = self._stop.wait(0.25)
             for rec in self._records():
-                if rec.get("line") == shown:  # nothing new (e.g. the final record, twice)
+                key = tuple(rec.get(k) for k in ("run_id", "done", "dead", "in_flight", "finished"))
+                if key == shown:  # nothing new (e.g. the final record, twice)
                     continue
                 pending = rec
                 now = time.monotonic()
                 if rec.get("finished") or now - last_shown >= PLAIN_INTERVAL_S:
                     self._plain(rec)
-                    last_shown, shown, pending = now, rec.get("line"), None
+                    last_shown, shown, pending = now, key, None
             if stopping:
                 if pending is not None:
                     self._plain(pending)
@@ -198,8 +201,11 @@ class CallbackModule(DefaultCallback):
         self._done: set[str] = set()  # stages closed after their progress: not reopened
 
     # ---- stages ----------------------------------------------------------------------
+    def v2_playbook_on_start(self, playbook) -> None:
+        self._stages_shown = os.path.basename(playbook._file_name) not in NO_STAGES
+
     def _close_stage(self) -> None:
-        if self._stage is not None:
+        if self._stage is not None and getattr(self, "_stages_shown", True):
             secs = time.monotonic() - self._stage_t0
             changed = f"  ({self._stage_changed} changed)" if self._stage_changed else ""
             self._display.display(f"{self._stage:<10} {secs:6.1f} s{changed}")
