@@ -35,6 +35,8 @@ AT ?= 0.3## chaos: progress at which a fault strikes
 DRY_RUN ?=## clean: 1 = list what would be stopped, touch nothing
 CONFIRM ?=## clean: yes = do not ask
 ANSIBLE_ARGS ?=## extra ansible-playbook arguments, e.g. -e ttg_state_dir=/tmp/x -v
+DASHBOARD_PORT ?= 8765## dashboard: port of the web view (bound to 127.0.0.1)
+VERBOSE ?=## 1 = Ansible's full output and the commands (default: one line per stage, errors last)
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -45,6 +47,13 @@ SWEEP_VARS := -e 'ttg_platform=$(PLATFORM)' -e 'ttg_backend=$(BACKEND)' -e 'ttg_
 	-e 'ttg_task=$(TASK)' -e 'ttg_run_id=$(RUN_ID)' -e 'ttg_objective=$(OBJECTIVE)' -e 'ttg_goal=$(GOAL)' \
 	-e 'ttg_code=$(if $(CODE),$(abspath $(CODE)))' -e 'ttg_space=$(if $(SPACE),$(abspath $(SPACE)))'
 PLAYBOOK := ansible-playbook -i $(INVENTORY)
+# Quiet by default (ansible.cfg: the project's stdout callback); VERBOSE=1: everything.
+ifneq ($(VERBOSE),)
+export ANSIBLE_STDOUT_CALLBACK := ansible.builtin.default
+Q :=
+else
+Q := @
+endif
 
 ##@ General
 
@@ -59,26 +68,45 @@ help: ## Show this help
 ##@ Setup
 
 .PHONY: setup
-setup: $(VENV)/.installed ## Create .venv from requirements.lock and install the worker (ttg)
+setup: $(VENV)/.installed ## Create .venv with what make demo needs (requirements.lock) and the worker (ttg)
 
-$(VENV)/.installed: requirements.lock worker/pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e worker
+# The collections the playbooks use, copied from the pinned ansible wheel (not the whole bundle).
+ANSIBLE_BUNDLE := 12.3.0
+COLLECTIONS := community/general kubernetes/core azure/azcollection community/crypto community/rabbitmq
+PIP := $(VENV)/bin/pip --disable-pip-version-check
+
+$(VENV)/.installed: requirements.lock worker/pyproject.toml scripts/install-collections.py
+	@echo "setup: building $(VENV) from requirements.lock (runtime only; make dev adds the test tools)"
+	$(Q)$(PYTHON) -m venv $(VENV)
+	$(Q)$(PIP) install --quiet -r requirements.lock
+	$(Q)$(PIP) download --quiet --no-deps --dest .cache/wheels ansible==$(ANSIBLE_BUNDLE)
+	$(Q)$(VENV)/bin/python scripts/install-collections.py .cache/wheels/ansible-$(ANSIBLE_BUNDLE)-py3-none-any.whl \
+	  "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" $(COLLECTIONS)
+	$(Q)$(PIP) install --quiet --no-deps -e worker
+	$(Q)touch $@
+
+.PHONY: dev
+dev: $(VENV)/.installed-dev ## setup + what only contributors need (requirements-dev.lock: lint, molecule, pytest)
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.lock
+	$(PIP) install --quiet -r requirements.lock -r requirements-dev.lock
 	touch $@
 
 .PHONY: lock
-lock: ## Re-pin requirements.lock from requirements.txt (needs the registry)
+lock: ## Re-pin requirements.lock and requirements-dev.lock from the .txt files (needs the registry)
 	rm -rf .cache/lockvenv && $(PYTHON) -m venv .cache/lockvenv
 	.cache/lockvenv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
-	{ echo "# Pinned by 'make lock' from requirements.txt (Python 3.11). Install: pip install -r requirements.lock"; \
+	{ echo "# Runtime pins (make setup), by 'make lock' from requirements.txt (Python 3.11)."; \
 	  .cache/lockvenv/bin/pip freeze --exclude-editable; } > requirements.lock
+	.cache/lockvenv/bin/pip install --quiet --disable-pip-version-check -c requirements.lock -r requirements-dev.txt
+	{ echo "# Dev-only pins (make dev), by 'make lock' from requirements-dev.txt (Python 3.11)."; \
+	  .cache/lockvenv/bin/pip freeze --exclude-editable | grep -vxFf requirements.lock; } > requirements-dev.lock
 
 ##@ Run
 
 .PHONY: demo
 demo: setup ## Run a sweep end to end on PLATFORM with BACKEND and print the verified result
-	$(PLAYBOOK) site.yml $(SWEEP_VARS) $(ANSIBLE_ARGS)
+	$(Q)$(PLAYBOOK) site.yml $(SWEEP_VARS) $(ANSIBLE_ARGS)
 
 .PHONY: chaos
 chaos: setup ## One sweep per fault (FAULT=a,b or all), each verified; then what each fault cost
@@ -94,9 +122,15 @@ monitor: setup ## Attach to a running local run: live progress until it finishes
 	TTG_BROKER_PASSWORD_FILE=.state/secrets/$(if $(filter rabbitmq,$(BACKEND)),rabbitmq,redis).pass \
 	  ttg status --watch --backend $(BACKEND) --run-id $(or $(RUN_ID),$$(basename "$$(readlink runs/latest)"))
 
+.PHONY: dashboard
+dashboard: setup ## A live, read-only web view of the runs (127.0.0.1:DASHBOARD_PORT; Ctrl-C stops)
+	$(Q)TTG_BROKER_PASSWORD_FILE=$(abspath .state/secrets)/$(if $(filter rabbitmq,$(BACKEND)),rabbitmq,redis).pass \
+	  ttg serve --runs-dir runs --port $(DASHBOARD_PORT) --backend $(BACKEND) \
+	  $(if $(wildcard .state/secrets/*.pass),--live)
+
 .PHONY: status
 status: setup ## What the project has running where: processes, ports, data dirs, runs, disk (read-only)
-	$(PLAYBOOK) playbooks/status.yml -e ttg_platform=$(PLATFORM) $(ANSIBLE_ARGS)
+	$(Q)$(PLAYBOOK) playbooks/status.yml -e ttg_platform=$(PLATFORM) $(ANSIBLE_ARGS)
 
 .PHONY: recover
 recover: setup ## After a reboot or a crash: bring the platform back, verify the data, resume the run
@@ -124,15 +158,15 @@ MOLECULE_ROLES := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard 
 # make test: pytest first (the longest), lint and the Molecule scenarios beside it; each part's
 # output is shown whole when it ends (--output-sync), and any failure fails make test.
 .PHONY: test
-test: setup ## Everything a contributor keeps green: lint, molecule, pytest (in parallel)
+test: dev ## Everything a contributor keeps green: lint, molecule, pytest (in parallel)
 	$(MAKE) --jobs=$(TEST_JOBS) --keep-going --output-sync=target pytest lint molecule
 
 .PHONY: pytest
-pytest: setup ## The pytest suite, PYTEST_WORKERS at once (what tests share: conftest.py)
+pytest: dev ## The pytest suite, PYTEST_WORKERS at once (what tests share: conftest.py)
 	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL pytest --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup -m "not lint and not molecule" worker/tests tests
 
 .PHONY: lint
-lint: setup ## ruff, yamllint, ansible-lint (production profile), playbook syntax checks
+lint: dev ## ruff, yamllint, ansible-lint (production profile), playbook syntax checks
 	ruff check .
 	yamllint --strict .
 	ansible-lint
@@ -142,5 +176,5 @@ lint: setup ## ruff, yamllint, ansible-lint (production profile), playbook synta
 molecule: $(addprefix molecule-,$(MOLECULE_ROLES)) ## Molecule scenario of every role (delegated driver, local connection)
 
 .PHONY: $(addprefix molecule-,$(MOLECULE_ROLES))
-$(addprefix molecule-,$(MOLECULE_ROLES)): molecule-%: setup
+$(addprefix molecule-,$(MOLECULE_ROLES)): molecule-%: dev
 	cd roles/$* && molecule test

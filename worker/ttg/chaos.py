@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ttg.backends.base import Backend, Progress
 from ttg.errors import ConfigError
+from ttg.progress import note_fault
 from ttg.sweep import JobSpec
 
 if TYPE_CHECKING:
@@ -389,6 +390,7 @@ class Chaos:
         rec = {"type": kind, "target": target, "at": round(at, 3),
                "at_progress": round(frac, 3), **extra}
         log.warning("fault injected: %s", rec)
+        note_fault()
         return rec
 
     # ---- faults -----------------------------------------------------------------------
@@ -528,12 +530,14 @@ class Chaos:
         frac = self.wait_until(min(self.at, 0.5))
         t_up = time.time()
         added = [self.platform.add_worker(f"extra-{i}", {}) for i in range(2)]
-        recs = [self.record("scale-up", "+2 workers", t_up, frac, recovered_s=0.0)]
+        recs = [self.record("scale-up", "+2 workers", t_up, frac, recovered_s=0.0,
+                            workers_delta=len(added))]
         frac = self.wait_until(min(self.at + 0.3, 0.9))
         t_down = time.time()
         codes = [self.platform.stop_added(h, signal.SIGTERM) for h in added]
         recs.append(self.record("scale-down", "-2 workers", t_down, frac, exit_codes=codes,
-                                recovered_s=0.0))
+                                recovered_s=0.0, workers_delta=-len(added),
+                                stopped_at=round(time.time(), 3)))
         return recs
 
 

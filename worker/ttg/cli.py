@@ -1,6 +1,7 @@
 """`ttg`: submit, work, sweep, status, wait, aggregate, reconcile, dlq, report, check, validate.
 
-Every option has a `TTG_*` environment variable; flags win over the environment.
+The broker, run and job options (and those whose help names one) have a `TTG_*` environment
+variable; flags win over the environment; a bad value is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ttg import log as tlog
 from ttg.backends import BACKENDS, get_backend
@@ -50,6 +52,27 @@ def _float(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
 
 
+def _env_typed(name: str, default: str | None, conv: type[int] | type[float],
+               what: str) -> Any:
+    value = env(name, default)
+    if value is None:
+        return None
+    try:
+        return conv(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not {what}: unset it or give {what}") from None
+
+
+def env_int(name: str, default: str) -> int:
+    """A TTG_* variable holding an integer; a bad value is a ConfigError naming it."""
+    return _env_typed(name, default, int, "a whole number")
+
+
+def env_float(name: str, default: str | None) -> float | None:
+    """A TTG_* variable holding a number; a bad value is a ConfigError naming it."""
+    return _env_typed(name, default, float, "a number")
+
+
 def common_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("broker and run (each also a TTG_* variable)")
@@ -65,14 +88,14 @@ def common_parser() -> argparse.ArgumentParser:
                    default=env("TTG_LOG_FORMAT", "text"), help="TTG_LOG_FORMAT")
     g.add_argument("--log-level", default=env("TTG_LOG_LEVEL", "INFO"), help="TTG_LOG_LEVEL")
     g.add_argument("--connect-timeout", type=_float,
-                   default=_float(env("TTG_CONNECT_TIMEOUT", "10")),
+                   default=env_float("TTG_CONNECT_TIMEOUT", "10"),
                    help="seconds of retries before 'broker unreachable' (TTG_CONNECT_TIMEOUT)")
-    g.add_argument("--min-idle-ms", type=_int, default=_int(env("TTG_MIN_IDLE_MS", "3000")),
+    g.add_argument("--min-idle-ms", type=_int, default=env_int("TTG_MIN_IDLE_MS", "3000"),
                    help="a lease idle this long is reclaimed (TTG_MIN_IDLE_MS, default 3000)")
     g.add_argument("--code", type=Path, default=env("TTG_CODE"),
                    help="directory of your task's code, put first on the import path "
                         "(TTG_CODE)")
-    g.add_argument("--prefetch", type=_int, default=_int(env("TTG_PREFETCH", "0")),
+    g.add_argument("--prefetch", type=_int, default=env_int("TTG_PREFETCH", "0"),
                    help="chunks taken ahead per worker (TTG_PREFETCH; 0 = backend default)")
     return p
 
@@ -80,11 +103,11 @@ def common_parser() -> argparse.ArgumentParser:
 def job_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("job (each also a TTG_* variable)")
-    g.add_argument("--params", type=_int, default=_int(env("TTG_PARAMS", "10000")))
-    g.add_argument("--chunk-size", type=_int, default=_int(env("TTG_CHUNK_SIZE", "100")))
+    g.add_argument("--params", type=_int, default=env_int("TTG_PARAMS", "10000"))
+    g.add_argument("--chunk-size", type=_int, default=env_int("TTG_CHUNK_SIZE", "100"))
     g.add_argument("--task", default=env("TTG_TASK", "reference"),
                    help="built-in name or module:function (TTG_TASK)")
-    g.add_argument("--work-ms", type=_float, default=env("TTG_WORK_MS"),
+    g.add_argument("--work-ms", type=_float, default=env_float("TTG_WORK_MS", None),
                    help="simulated work per point (TTG_WORK_MS; default 1 for the built-in "
                         "tasks, 0 for your own)")
     g.add_argument("--space", type=Path, default=env("TTG_SPACE"),
@@ -93,9 +116,9 @@ def job_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", default=env("TTG_OBJECTIVE", ""),
                    help="the numeric output summarized in the run's result (TTG_OBJECTIVE; "
                         "default: value, or the first numeric output)")
-    g.add_argument("--workers", type=_int, default=_int(env("TTG_WORKERS", "3")),
+    g.add_argument("--workers", type=_int, default=env_int("TTG_WORKERS", "3"),
                    help="fleet size: the static split and the utilization (TTG_WORKERS)")
-    g.add_argument("--max-attempts", type=_int, default=_int(env("TTG_MAX_ATTEMPTS", "5")),
+    g.add_argument("--max-attempts", type=_int, default=env_int("TTG_MAX_ATTEMPTS", "5"),
                    help="executions before a chunk is dead-lettered (TTG_MAX_ATTEMPTS)")
     return p
 
@@ -120,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env("TTG_WORKER_INDEX", env("JOB_COMPLETION_INDEX")))
     w.add_argument("--exit-when-done", action="store_true",
                    default=env("TTG_EXIT_WHEN_DONE", "0") == "1")
-    w.add_argument("--metrics-port", type=_int, default=_int(env("TTG_METRICS_PORT", "0")),
+    w.add_argument("--metrics-port", type=_int, default=env_int("TTG_METRICS_PORT", "0"),
                    help="serve Prometheus metrics on this port (TTG_METRICS_PORT; 0 = off)")
     w.add_argument("--metrics-addr", default=env("TTG_METRICS_ADDR", "127.0.0.1"),
                    help="address for the metrics port (TTG_METRICS_ADDR, default 127.0.0.1)")
@@ -227,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--format", choices=["parquet", "csv", "jsonl"], default="csv")
     rs.add_argument("-o", "--output", type=Path, help="default: runs/<id>/results.<format>")
     rs.add_argument("--failures", action="store_true", help="the failed points instead")
+
+    sv = sub.add_parser("serve", parents=[common],
+                        help="a live, read-only web view of the runs (127.0.0.1 by default)")
+    sv.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")),
+                    help="where runs live (TTG_RUNS_DIR)")
+    sv.add_argument("--host", default=env("TTG_SERVE_HOST", "127.0.0.1"),
+                    help="address to bind (TTG_SERVE_HOST, default 127.0.0.1)")
+    sv.add_argument("--port", type=_int, default=env_int("TTG_SERVE_PORT", "8765"),
+                    help="port (TTG_SERVE_PORT, default 8765; 0 = any free port)")
+    sv.add_argument("--live", action="store_true",
+                    help="also read a running run's progress and dead letters from the broker")
 
     d = sub.add_parser("dlq", parents=[common], help="dead-lettered chunks")
     dsub = d.add_subparsers(dest="dlq_cmd", required=True)
@@ -556,7 +590,12 @@ def use_code(code: Path | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ConfigError as exc:  # a TTG_* variable with a bad value: one line, no traceback
+        print(f"ttg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    args = parser.parse_args(argv)
     tlog.setup(getattr(args, "log_format", "text"), getattr(args, "log_level", "INFO"))
     try:
         if args.cmd != "image":
@@ -612,6 +651,15 @@ def main(argv: list[str] | None = None) -> int:
                                     args.rabbitmq_password_file if b == "rabbitmq"
                                     else args.redis_password_file) for b in names]
             return bench.main(targets, args.runs_dir, quick=args.quick)
+        if args.cmd == "serve":
+            from ttg import dashboard
+
+            live = dashboard.broker_reader(lambda: connect(args)) if args.live else None
+            try:
+                dashboard.serve(args.runs_dir, args.host, args.port, live)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+            return 0
         handler = {"chaos": cmd_chaos, "chaos-table": cmd_chaos_table, "work": cmd_work,
                    "sweep": cmd_sweep, "status": cmd_status, "wait": cmd_wait,
                    "aggregate": cmd_aggregate, "dlq": cmd_dlq, "results": cmd_results,

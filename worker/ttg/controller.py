@@ -147,6 +147,19 @@ def expected_result(spec: JobSpec, expect_dead: list[int],
     return count, None if total is None else round(total, 6)
 
 
+def worker_seconds(workers: int, wall_s: float, faults: list[dict], t_end: float) -> float:
+    """The worker-seconds that existed during the run: the fleet over the wall time, plus or
+    minus what a `scale` fault added (from its record's `at`) or removed (from `stopped_at`)."""
+    total = workers * wall_s
+    for f in faults:
+        delta = f.get("workers_delta")
+        if isinstance(delta, int) and delta:
+            since = f.get("stopped_at", f.get("at")) if delta < 0 else f.get("at")
+            if isinstance(since, (int, float)):
+                total += delta * min(max(t_end - since, 0.0), wall_s)
+    return total
+
+
 def build_summary(
     spec: JobSpec,
     backend_name: str,
@@ -159,6 +172,7 @@ def build_summary(
     expect_dead: list[int] | None = None,
     results: dict | None = None,
     expect_failed: list[int] | None = None,
+    t_end: float | None = None,
 ) -> dict:
     """The run summary of DESIGN.md. `ok` means: nothing missing, exactly one stored row per
     point (results + failures), the exact expected result, and exactly the expected dead
@@ -182,6 +196,8 @@ def build_summary(
                    and (results["objective"] != "value" or rows_result["count"] == result["count"]))
         result = rows_result
     count, expected = expected_result(spec, expect_dead, expect_failed)
+    worker_s = worker_seconds(spec.workers, wall_s, faults or [],
+                              time.time() if t_end is None else t_end)
     ok = (
         missing == 0
         and dead == expect_dead
@@ -205,7 +221,7 @@ def build_summary(
         "executions": progress.executions,
         "result": result,
         "wall_s": round(wall_s, 3),
-        "utilization": round(progress.task_s / (spec.workers * wall_s), 3) if wall_s else 0.0,
+        "utilization": round(progress.task_s / worker_s, 3) if worker_s > 0 else 0.0,
         "faults": faults or [],
         "ok": ok,
     }
@@ -391,7 +407,8 @@ def run_sweep(
     given = measure_faults(list(faults or []), run_dir / "chunks.jsonl", spec.chunks_total)
     results = writer.finish(spec.params, spec.get_space().names, spec.objective)
     summary = build_summary(spec, backend.name, platform, agg, progress, dead, wall_s,
-                            [*given, *injected], expect_dead, results, expect_failed)
+                            [*given, *injected], expect_dead, results, expect_failed,
+                            t_end=t0 + wall_s)
     summary["submit_s"] = round(submit_s, 3)
     summary["controller_max_rss_mb"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

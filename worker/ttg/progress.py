@@ -5,6 +5,11 @@ Where the bar goes: stderr when it is a terminal; else the controlling terminal 
 so the bar still shows when stdout/stderr are captured (e.g. under Ansible) — and then plain
 lines also go to stderr, for the captured log. No terminal at all (CI): plain lines only.
 `TTG_PROGRESS=auto|live|plain|off` overrides the choice; `TERM=dumb` means plain.
+
+Under `make` the project's Ansible callback (plugins/callback/ttg.py) sets
+`TTG_PROGRESS_FILE`: the controller then appends one JSON record of its progress to that file
+about twice a second (no /dev/tty bar), and the callback draws them where the user looks — a
+`rich` bar on a terminal, a plain line every few seconds in a log or CI console.
 """
 
 from __future__ import annotations
@@ -22,6 +27,14 @@ from ttg.backends.base import Progress
 
 BAR_WIDTH = 24
 LIVE_INTERVAL_S = 0.2
+FILE_INTERVAL_S = 0.5
+_faults = 0
+
+
+def note_fault() -> None:
+    """A fault was injected (chaos): counted in the progress records."""
+    global _faults
+    _faults += 1
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -97,6 +110,8 @@ class Reporter:
                 self.plain = stream
         elif live is False or mode == "plain":
             self.plain = sys.stderr
+        elif os.environ.get("TTG_PROGRESS_FILE"):  # the Ansible callback draws the progress
+            self.plain = sys.stderr
         else:
             self.term = open_terminal()
             if self.term is None and mode == "live":
@@ -112,6 +127,14 @@ class Reporter:
         self._drawn = False
         self._samples: deque[tuple[float, int]] = deque()
         self.recorder = RunRecorder(record_dir) if record_dir is not None else None
+        self._file: TextIO | None = None
+        self._last_file = 0.0
+        path = os.environ.get("TTG_PROGRESS_FILE") if mode != "off" else None
+        if path and stream is None:
+            try:
+                self._file = open(path, "a")  # noqa: SIM115 - kept open for the run
+            except OSError:
+                self._file = None
 
     # ---- numbers ----------------------------------------------------------------------
     def params_done(self, p: Progress) -> int:
@@ -172,6 +195,10 @@ class Reporter:
         if self.run_id is not None:
             metrics.record_progress(self.run_id, p, self.params, self.chunk_size)
         now = time.monotonic()
+        if self._file is not None and (force or p.finished
+                                       or now - self._last_file >= FILE_INTERVAL_S):
+            self._last_file = now
+            self._write_record(p)
         if self.term is not None and (force or now - self._last_live >= LIVE_INTERVAL_S):
             self._last_live = now
             text = self.line(p)
@@ -187,9 +214,29 @@ class Reporter:
             if not self._write(self.plain, f"{stamp} progress {self.line(p, bar=False)}\n"):
                 self.plain = None
 
+    def _write_record(self, p: Progress) -> None:
+        rate = self.rate(p)
+        left = self.params - self.params_done(p)
+        rec = {"ts": round(time.time(), 3), "run_id": self.run_id, "done": p.done,
+               "total": p.chunks_total, "dead": p.dead, "in_flight": p.in_flight,
+               "reclaimed": p.reclaimed, "retried": p.retried, "workers": p.workers_alive,
+               "params_done": self.params_done(p), "params": self.params,
+               "rate": round(rate, 1), "faults": _faults, "finished": bool(p.finished),
+               "eta_s": 0.0 if p.finished else (round(left / rate, 1) if rate > 0 else None),
+               "line": self.line(p, bar=False)}
+        assert self._file is not None
+        if not self._write(self._file, json.dumps(rec, separators=(",", ":")) + "\n"):
+            self._file = None
+
     def close(self, p: Progress | None = None) -> None:
         if p is not None:
             self.update(p, force=True)
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
         if self.recorder is not None:
             self.recorder.close()
         if self.term is not None:
