@@ -115,6 +115,12 @@ manifests: setup ## Render kind/aks x redis/rabbitmq/static manifests into build
 test: lint molecule ## Everything a contributor keeps green: lint, molecule, pytest
 	pytest -m "not lint and not molecule" worker/tests tests
 
+FUZZ_EXAMPLES ?= 10000## fuzz: examples per parser property
+.PHONY: fuzz
+fuzz: setup ## Property tests of every parser with FUZZ_EXAMPLES examples each (slow)
+	TTG_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) pytest -p no:cacheprovider -q --durations=0 \
+	  worker/tests/test_fuzz_redis.py worker/tests/test_fuzz_records.py worker/tests/test_fuzz_cli.py
+
 .PHONY: lint
 lint: setup ## ruff, yamllint, ansible-lint (production profile), playbook syntax checks
 	ruff check worker tests

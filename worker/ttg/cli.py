@@ -9,6 +9,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -45,9 +46,32 @@ def _int(value: str) -> int:
 
 def _float(value: str) -> float:
     try:
-        return float(value)
+        out = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not math.isfinite(out):
+        raise argparse.ArgumentTypeError(f"not a finite number: {value!r}")
+    return out
+
+
+def _env_num(conv, name: str, default: str | None):  # noqa: ANN001, ANN202
+    """A TTG_* number read when the parser is built: a bad one is a ConfigError naming the
+    variable (one line, exit 2), even for `ttg --help`."""
+    value = env(name, default)
+    if value is None:
+        return None
+    try:
+        return conv(value)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _env_int(name: str, default: str | None) -> int | None:
+    return _env_num(_int, name, default)
+
+
+def _env_float(name: str, default: str | None) -> float | None:
+    return _env_num(_float, name, default)
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -65,11 +89,11 @@ def common_parser() -> argparse.ArgumentParser:
                    default=env("TTG_LOG_FORMAT", "text"), help="TTG_LOG_FORMAT")
     g.add_argument("--log-level", default=env("TTG_LOG_LEVEL", "INFO"), help="TTG_LOG_LEVEL")
     g.add_argument("--connect-timeout", type=_float,
-                   default=_float(env("TTG_CONNECT_TIMEOUT", "10")),
+                   default=_env_float("TTG_CONNECT_TIMEOUT", "10"),
                    help="seconds of retries before 'broker unreachable' (TTG_CONNECT_TIMEOUT)")
-    g.add_argument("--min-idle-ms", type=_int, default=_int(env("TTG_MIN_IDLE_MS", "3000")),
+    g.add_argument("--min-idle-ms", type=_int, default=_env_int("TTG_MIN_IDLE_MS", "3000"),
                    help="a lease idle this long is reclaimed (TTG_MIN_IDLE_MS, default 3000)")
-    g.add_argument("--prefetch", type=_int, default=_int(env("TTG_PREFETCH", "0")),
+    g.add_argument("--prefetch", type=_int, default=_env_int("TTG_PREFETCH", "0"),
                    help="chunks taken ahead per worker (TTG_PREFETCH; 0 = backend default)")
     return p
 
@@ -77,15 +101,15 @@ def common_parser() -> argparse.ArgumentParser:
 def job_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("job (each also a TTG_* variable)")
-    g.add_argument("--params", type=_int, default=_int(env("TTG_PARAMS", "10000")))
-    g.add_argument("--chunk-size", type=_int, default=_int(env("TTG_CHUNK_SIZE", "100")))
+    g.add_argument("--params", type=_int, default=_env_int("TTG_PARAMS", "10000"))
+    g.add_argument("--chunk-size", type=_int, default=_env_int("TTG_CHUNK_SIZE", "100"))
     g.add_argument("--task", default=env("TTG_TASK", "reference"),
                    help="built-in name or module:function (TTG_TASK)")
-    g.add_argument("--work-ms", type=_float, default=_float(env("TTG_WORK_MS", "1")),
+    g.add_argument("--work-ms", type=_float, default=_env_float("TTG_WORK_MS", "1"),
                    help="simulated work per parameter (TTG_WORK_MS)")
-    g.add_argument("--workers", type=_int, default=_int(env("TTG_WORKERS", "3")),
+    g.add_argument("--workers", type=_int, default=_env_int("TTG_WORKERS", "3"),
                    help="fleet size: the static split and the utilization (TTG_WORKERS)")
-    g.add_argument("--max-attempts", type=_int, default=_int(env("TTG_MAX_ATTEMPTS", "5")),
+    g.add_argument("--max-attempts", type=_int, default=_env_int("TTG_MAX_ATTEMPTS", "5"),
                    help="executions before a chunk is dead-lettered (TTG_MAX_ATTEMPTS)")
     return p
 
@@ -103,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("work", parents=[common], help="run a worker")
     w.add_argument("--worker-id", default=env("TTG_WORKER_ID"))
     w.add_argument("--worker-index", type=_int,
-                   default=env("TTG_WORKER_INDEX", env("JOB_COMPLETION_INDEX")))
+                   default=(_env_int("TTG_WORKER_INDEX", None) if env("TTG_WORKER_INDEX")
+                            else _env_int("JOB_COMPLETION_INDEX", None)))
     w.add_argument("--exit-when-done", action="store_true",
                    default=env("TTG_EXIT_WHEN_DONE", "0") == "1")
-    w.add_argument("--metrics-port", type=_int, default=_int(env("TTG_METRICS_PORT", "0")),
+    w.add_argument("--metrics-port", type=_int, default=_env_int("TTG_METRICS_PORT", "0"),
                    help="serve Prometheus metrics on this port (TTG_METRICS_PORT; 0 = off)")
     w.add_argument("--metrics-addr", default=env("TTG_METRICS_ADDR", "127.0.0.1"),
                    help="address for the metrics port (TTG_METRICS_ADDR, default 127.0.0.1)")
@@ -260,7 +285,7 @@ def cmd_work(args: argparse.Namespace) -> int:
         f"worker-{args.worker_index}" if args.worker_index is not None
         else f"{socket.gethostname()}-{os.getpid()}"
     )
-    index = int(args.worker_index) if args.worker_index is not None else None
+    index = args.worker_index
     worker = Worker(get_backend(args.backend, broker_config(args)), run_id, worker_id, index,
                     exit_when_done=args.exit_when_done)
     worker.install_signals()
@@ -447,7 +472,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # reads the TTG_* numbers: a bad one is one line, exit 2
+    except ConfigError as exc:
+        print(f"ttg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    args = parser.parse_args(argv)
     tlog.setup(getattr(args, "log_format", "text"), getattr(args, "log_level", "INFO"))
     try:
         if args.cmd == "validate":
