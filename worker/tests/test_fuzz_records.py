@@ -174,3 +174,20 @@ def test_parse_faults_regressions():
                  '[{"type": "x", "recovered_s": true}]']:
         with pytest.raises(ConfigError):
             parse_faults(text, "f")
+
+
+# ---- BrokerConfig's repr ----------------------------------------------------------------
+
+@fuzz_settings()
+@given(st.text(min_size=6, max_size=30).filter(lambda p: p.strip() == p and "'" not in p),
+       st.sampled_from(["redis://127.0.0.1:16379/0", "amqp://ttg@127.0.0.1:5673/ttg"]))
+def test_broker_config_repr_never_shows_the_password(password, url):
+    from urllib.parse import quote
+
+    from ttg.backends.base import BrokerConfig
+
+    with_pw = url.replace("://", f"://u:{quote(password, safe='')}@", 1).replace("ttg@", "")
+    for cfg in (BrokerConfig(url, password), BrokerConfig(with_pw, password)):
+        text = repr(cfg) + str(cfg) + f"{cfg}"
+        assert password not in text and quote(password, safe="") not in text
+        assert "password='***'" in text
