@@ -165,6 +165,12 @@ test: dev ## Everything a contributor keeps green: lint, molecule, pytest (in pa
 pytest: dev ## The pytest suite, PYTEST_WORKERS at once (what tests share: conftest.py)
 	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL pytest --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup -m "not lint and not molecule" worker/tests tests
 
+FUZZ_EXAMPLES ?= 10000## fuzz: examples per parser property
+.PHONY: fuzz
+fuzz: setup ## Property tests of every parser with FUZZ_EXAMPLES examples each (slow)
+	TTG_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) pytest -p no:cacheprovider -q --durations=0 \
+	  worker/tests/test_fuzz_redis.py worker/tests/test_fuzz_records.py worker/tests/test_fuzz_cli.py
+
 .PHONY: lint
 lint: dev ## ruff, yamllint, ansible-lint (production profile), playbook syntax checks
 	ruff check .

@@ -10,6 +10,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -47,9 +48,12 @@ def _int(value: str) -> int:
 
 def _float(value: str) -> float:
     try:
-        return float(value)
+        out = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not math.isfinite(out):
+        raise argparse.ArgumentTypeError(f"not a finite number: {value!r}")
+    return out
 
 
 def _env_typed(name: str, default: str | None, conv: type[int] | type[float],
@@ -63,7 +67,7 @@ def _env_typed(name: str, default: str | None, conv: type[int] | type[float],
         raise ConfigError(f"{name}={value!r} is not {what}: unset it or give {what}") from None
 
 
-def env_int(name: str, default: str) -> int:
+def env_int(name: str, default: str | None) -> int | None:
     """A TTG_* variable holding an integer; a bad value is a ConfigError naming it."""
     return _env_typed(name, default, int, "a whole number")
 
@@ -140,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the built-ins only): a job naming another is refused")
     w.add_argument("--worker-id", default=env("TTG_WORKER_ID"))
     w.add_argument("--worker-index", type=_int,
-                   default=env("TTG_WORKER_INDEX", env("JOB_COMPLETION_INDEX")))
+                   default=(env_int("TTG_WORKER_INDEX", None) if env("TTG_WORKER_INDEX")
+                            else env_int("JOB_COMPLETION_INDEX", None)))
     w.add_argument("--exit-when-done", action="store_true",
                    default=env("TTG_EXIT_WHEN_DONE", "0") == "1")
     w.add_argument("--metrics-port", type=_int, default=env_int("TTG_METRICS_PORT", "0"),
@@ -353,7 +358,7 @@ def cmd_work(args: argparse.Namespace) -> int:
         f"worker-{args.worker_index}" if args.worker_index is not None
         else f"{socket.gethostname()}-{os.getpid()}"
     )
-    index = int(args.worker_index) if args.worker_index is not None else None
+    index = args.worker_index
     worker = Worker(get_backend(args.backend, broker_config(args)), run_id, worker_id, index,
                     exit_when_done=args.exit_when_done, allow_tasks=args.task)
     worker.install_signals()

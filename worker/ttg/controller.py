@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import threading
@@ -341,18 +342,26 @@ def parse_faults(text: str, where: str) -> list[dict]:
     """Fault records given from outside the run: a JSON list of objects with a `type`."""
     try:
         faults = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: not a readable JSON file ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: '[[[[...' nested too deep
+        reason = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        raise ConfigError(f"{where}: not a readable JSON file ({reason})") from None
     if not isinstance(faults, list) or not all(
             isinstance(f, dict) and isinstance(f.get("type"), str) for f in faults):
         raise ConfigError(f"{where}: expected a JSON list of objects with a 'type'")
     for f in faults:  # numbers written by a template may arrive as strings
-        for key in ("at", "at_progress", "recovered_s"):
-            if isinstance(f.get(key), str):
-                try:
-                    f[key] = float(f[key])
-                except ValueError:
-                    raise ConfigError(f"{where}: {key} {f[key]!r} is not a number") from None
+        for key in ("at", "at_progress", "recovered_s", "outage_s"):
+            if key not in f or f[key] is None:
+                continue
+            value = f[key]
+            try:
+                if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                    raise ValueError
+                f[key] = float(value)
+                if not math.isfinite(f[key]) or f[key] < 0:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"{where}: {key} {str(value)[:80]!r} is not a number "
+                                  ">= 0") from None
     return faults
 
 

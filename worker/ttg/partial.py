@@ -35,7 +35,19 @@ class Partial:
 
     @classmethod
     def from_dict(cls, d: dict) -> Partial:
-        return cls(int(d["count"]), float(d["sum"]), float(d["min"]), float(d["max"]))
+        """From a stored record; ValueError unless count is an int >= 0 and sum, min, max are
+        numbers (min/max infinite only for an empty partial), sum finite."""
+        count, total, lo, hi = d["count"], d["sum"], d["min"], d["max"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be an integer >= 0, got {str(count)[:40]!r}")
+        vals = []
+        for name, v in (("sum", total), ("min", lo), ("max", hi)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise ValueError(f"{name} must be a number, got {str(v)[:40]!r}")
+            vals.append(float(v))
+        if not math.isfinite(vals[0]) or (count and not all(map(math.isfinite, vals))):
+            raise ValueError("sum, min and max of a non-empty result must be finite")
+        return cls(count, *vals)
 
 
 class Aggregator:
@@ -76,6 +88,17 @@ def encode_result(partial: Partial, **meta: object) -> str:
     return json.dumps({**partial.to_dict(), **meta}, separators=(",", ":"))
 
 
+class MalformedResult(ValueError):
+    """A stored result record that is not one (written by something else, or corrupted)."""
+
+
 def decode_result(raw: str | bytes) -> tuple[Partial, dict]:
-    data = json.loads(raw)
-    return Partial.from_dict(data), data
+    """The partial and metadata of a stored record; MalformedResult with the reason else."""
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return Partial.from_dict(data), data
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        reason = f"{exc.__class__.__name__}: {exc}"[:300]
+        raise MalformedResult(f"malformed result record: {reason}") from None

@@ -18,6 +18,48 @@ if TYPE_CHECKING:
     from ttg.spaces import Space
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A task as a spec may name it: a built-in name or `module.path:function` (syntax only).
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+TASK_RE = re.compile(rf"^{_NAME}(\.{_NAME})*(:{_NAME})?$")
+# ASCII decimal only: int() and float() also take ' 7 ', '1_0', '١٢', 'nan', 'inf'
+_INT_RE = re.compile(r"^-?[0-9]{1,19}$")
+_FLOAT_RE = re.compile(r"^-?[0-9]{1,20}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?$")
+# Upper bounds a spec read from a broker must respect (a hostile spec cannot make a worker
+# or the controller allocate or sleep without bound).
+LIMITS = {"params": 10**12, "chunk_size": 10**9, "workers": 10**5, "max_attempts": 1000}
+MAX_CHUNKS = 10**8
+MAX_WORK_MS = 3_600_000.0
+MAX_SPACE_CHARS = 1_000_000  # a grid of explicit values, a file space's path and digest
+
+
+def strict_int(value: object, what: str = "value") -> int:
+    """An int from a broker field: an int (not a bool) or ASCII decimal digits; ValueError else."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _INT_RE.match(value):
+        return int(value)
+    raise ValueError(f"{what} must be an integer, got {str(value)[:80]!r}")
+
+
+def strict_float(value: object, what: str = "value") -> float:
+    """A finite float from a broker field (decimal notation only: no nan, inf, '1_0')."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str) and _FLOAT_RE.match(value):
+        out = float(value)
+    else:
+        raise ValueError(f"{what} must be a number, got {str(value)[:80]!r}")
+    if not math.isfinite(out):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return out
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -64,20 +106,41 @@ class JobSpec:
         start = chunk * self.chunk_size
         return start, min(start + self.chunk_size, self.params)
 
-    def validate(self) -> JobSpec:
+    def check(self) -> JobSpec:
+        """Types, ranges, run id and task syntax; imports nothing (a spec read from a broker
+        is checked so before a worker acts on it)."""
+        if not isinstance(self.run_id, str):
+            raise ConfigError(f"invalid run id {self.run_id!r}")
         check_run_id(self.run_id)
         for name in ("params", "chunk_size", "workers", "max_attempts"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if (not isinstance(self.work_ms, (int, float)) or not math.isfinite(self.work_ms)
-                or self.work_ms < 0):
-            raise ConfigError(f"work_ms must be >= 0, got {self.work_ms!r}")
-        if self.chunks_total > 10_000_000:
-            raise ConfigError(f"{self.chunks_total} chunks is too many: use a larger chunk size")
-        if self.objective and not self.objective.isidentifier():
-            raise ConfigError(f"objective {self.objective!r} must be an output name")
+            if value > LIMITS[name]:
+                raise ConfigError(f"{name} must be at most {LIMITS[name]}, got {value}")
+        if self.chunks_total > MAX_CHUNKS:
+            raise ConfigError(f"{self.chunks_total} chunks: at most {MAX_CHUNKS} "
+                              "(raise chunk_size)")
+        if (not isinstance(self.work_ms, (int, float)) or isinstance(self.work_ms, bool)
+                or not math.isfinite(self.work_ms) or not 0 <= self.work_ms <= MAX_WORK_MS):
+            raise ConfigError(f"work_ms must be >= 0 and at most {MAX_WORK_MS:.0f}, "
+                              f"got {self.work_ms!r}")
+        if not isinstance(self.task, str) or not TASK_RE.match(self.task):
+            raise ConfigError(f"task {str(self.task)[:80]!r}: use a built-in name or "
+                              "'module:function'")
+        if not isinstance(self.objective, str) or (
+                self.objective and not self.objective.isidentifier()):
+            raise ConfigError(f"objective {str(self.objective)[:80]!r} must be an output name")
+        if not isinstance(self.space, str) or len(self.space) > MAX_SPACE_CHARS:
+            raise ConfigError("space: the job's space definition is not a string of at most "
+                              f"{MAX_SPACE_CHARS} characters")
+        return self
+
+    def validate(self) -> JobSpec:
+        """`check`, the task's name, and the space (parsed; a file space's file read)."""
+        self.check()
         from ttg.tasks import check_task_name
+
 
         check_task_name(self.task)
         if self.space:
@@ -91,20 +154,37 @@ class JobSpec:
         return {k: str(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_fields(cls, data: dict) -> JobSpec:
-        raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in data.items()}
-        kwargs = {}
-        for f in fields(cls):
-            if f.name not in raw:
-                continue
-            value = raw[f.name]
-            value = value.decode() if isinstance(value, bytes) else value
-            if f.name in ("params", "chunk_size", "workers", "max_attempts"):
-                value = int(value)
-            elif f.name == "work_ms":
-                value = float(value)
-            kwargs[f.name] = value
-        return cls(**kwargs)
+    def from_fields(cls, data: dict, run_id: str | None = None) -> JobSpec:
+        """A spec from flat fields another process wrote (a broker hash or record), checked
+        fully (`check`); ConfigError with the reason if it is malformed or, with `run_id`,
+        if it is not that run's."""
+        where = f"the job spec of run {run_id}" if run_id else "the job spec"
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} is malformed: not a mapping")
+        raw = {(k.decode("utf-8", "replace") if isinstance(k, bytes) else k): v
+               for k, v in data.items()}
+        kwargs: dict = {}
+        try:
+            for f in fields(cls):
+                if f.name not in raw:
+                    if f.name in ("run_id", "params", "chunk_size"):
+                        raise ValueError(f"no {f.name}")
+                    continue
+                value = raw[f.name]
+                value = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                if f.name in ("params", "chunk_size", "workers", "max_attempts"):
+                    value = strict_int(value, f.name)
+                elif f.name == "work_ms":
+                    value = strict_float(value, f.name)
+                elif not isinstance(value, str):
+                    raise ValueError(f"{f.name} must be a string, got {str(value)[:80]!r}")
+                kwargs[f.name] = value
+            spec = cls(**kwargs).check()
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"{where} is malformed: {exc}") from None
+        if run_id is not None and spec.run_id != run_id:
+            raise ConfigError(f"{where} is malformed: it names run {spec.run_id!r}")
+        return spec
 
     def same_job(self, other: JobSpec) -> bool:
         """Equal in everything that changes the result (the fleet size may differ)."""

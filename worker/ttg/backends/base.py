@@ -19,13 +19,33 @@ from ttg.sweep import JobSpec
 @dataclass
 class BrokerConfig:
     url: str
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr or a log
     # worker tuning
     prefetch: int = 1
     min_idle_ms: int = 3000  # a lease not renewed for this long is reclaimed (Redis)
     connect_timeout_s: float = 10.0  # bounded retries when the broker is not up
     retry_budget_s: float = 60.0  # how long a worker keeps reconnecting before exiting
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        """Without the password, and with any password in the URL masked."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        url = self.url
+        try:
+            parts = urlsplit(url)
+            if parts.password is not None:
+                host = parts.hostname or ""
+                host = f"[{host}]" if ":" in host else host
+                netloc = f"{parts.username or ''}:***@{host}"
+                netloc += f":{parts.port}" if parts.port else ""
+                url = urlunsplit(parts._replace(netloc=netloc))
+        except ValueError:
+            url = "<unparsable url>"
+        shown = "***" if self.password else None
+        return (f"BrokerConfig(url={url!r}, password={shown!r}, prefetch={self.prefetch!r}, "
+                f"min_idle_ms={self.min_idle_ms!r}, connect_timeout_s={self.connect_timeout_s!r}, "
+                f"retry_budget_s={self.retry_budget_s!r}, options={self.options!r})")
 
 
 @dataclass

@@ -96,7 +96,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from ttg.backends.base import Backend, BrokerConfig, DeadLetter, Delivery, Progress
 from ttg.errors import BrokerAuthError, BrokerUnavailable, ConfigError, JobMismatch, TTGError
 from ttg.partial import Partial, decode_result, encode_result
-from ttg.sweep import JobSpec
+from ttg.sweep import JobSpec, strict_float, strict_int
 
 log = logging.getLogger("ttg.rabbitmq")
 T = TypeVar("T")
@@ -251,13 +251,59 @@ def _discard(conn: BlockingConnection) -> None:
         pass
 
 
+def _int_or(value: Any, default: int) -> int:
+    """An int field of a record another process wrote, or `default` if it is not one."""
+    try:
+        return strict_int(value)
+    except ValueError:
+        return default
+
+
 def _event(kind: str, ts: Any, data: dict, **extra: Any) -> dict:
     try:
-        at = float(ts) if ts is not None else None
-    except (TypeError, ValueError):
+        at = strict_float(ts) if ts is not None else None
+    except ValueError:
         at = None
-    return {"ts": at, "kind": kind, "chunk": int(data.get("chunk", -1)),
+    return {"ts": at, "kind": kind, "chunk": _int_or(data.get("chunk", -1), -1),
             "worker": data.get("worker"), **extra}
+
+
+class MalformedBody(ValueError):
+    """A task message no worker can run; `chunk` is its chunk id when that was readable."""
+
+    def __init__(self, reason: str, chunk: int = -1) -> None:
+        super().__init__(reason)
+        self.chunk = chunk
+
+
+def parse_task_body(spec: JobSpec, body: bytes) -> tuple[dict, int, int, int, int, int]:
+    """(data, chunk, start, end, attempt, lost) of a task message body `{c, s, e, a[, lost,
+    err]}`; MalformedBody with the reason for anything else (pure: fuzzed in the tests)."""
+    chunk = -1
+    try:
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise ValueError("the body is not a JSON object")
+        if "c" not in data:
+            raise ValueError("no chunk field 'c'")
+        chunk = strict_int(data["c"], "chunk")
+        start, end = spec.bounds(chunk)
+        attempt = strict_int(data.get("a", 1), "attempt")
+        if not 1 <= attempt <= spec.max_attempts:
+            raise ValueError(f"attempt {attempt} outside 1..{spec.max_attempts}")
+        if "s" in data or "e" in data:
+            got = (strict_int(data.get("s"), "start"), strict_int(data.get("e"), "end"))
+            if got != (start, end):
+                raise ValueError(f"bounds {got[0]}..{got[1]} do not match the job")
+        lost = strict_int(data.get("lost", 0) or 0, "lost")
+        if not 0 <= lost <= 10**6:
+            raise ValueError(f"lost {lost} out of range")
+        if data.get("err") is not None and not isinstance(data["err"], str):
+            raise ValueError("err is not text")
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise MalformedBody(f"{exc.__class__.__name__}: {exc}"[:500],
+                            max(chunk, -1)) from None
+    return data, chunk, start, end, attempt, lost
 
 
 def _header_int(headers: dict, key: str) -> int:
@@ -1349,34 +1395,35 @@ class RabbitMQBackend(Backend):
             data = json.loads(body)
             if not isinstance(data, dict):
                 raise ValueError("not an object")
-        except ValueError:
+        except (ValueError, RecursionError):
             return DeadLetter(chunk=-1, reason="malformed message", attempts=0,
                               raw=body[:2000].decode("utf-8", "replace"))
         if headers.get("k") == "dead":
-            return DeadLetter(chunk=int(data.get("chunk", -1)), reason=str(data.get("reason")),
-                              attempts=int(data.get("attempts", 0)),
-                              worker=data.get("worker"), at=data.get("at"),
-                              raw=data.get("raw"))
+            at = data.get("at")
+            return DeadLetter(chunk=_int_or(data.get("chunk", -1), -1),
+                              reason=str(data.get("reason")),
+                              attempts=max(_int_or(data.get("attempts", 0), 0), 0),
+                              worker=str(data["worker"]) if data.get("worker") else None,
+                              at=_event("", at, {})["ts"],
+                              raw=str(data["raw"]) if data.get("raw") else None)
         # the broker's dead letter: a task message and its x-death history
-        deaths = headers.get("x-death") or [{}]
+        deaths = [d for d in headers.get("x-death") or [] if isinstance(d, dict)] or [{}]
         reason = str(deaths[0].get("reason", "dead-lettered by the broker"))
-        lost = int(data.get("lost", 0) or 0) + sum(
-            int(d.get("count", 0) or 0) for d in deaths if d.get("reason") == "delivery_limit")
+        lost = max(_int_or(data.get("lost", 0) or 0, 0), 0) + sum(
+            max(_int_or(d.get("count", 0) or 0, 0), 0)
+            for d in deaths if d.get("reason") == "delivery_limit")
         if reason == "delivery_limit":
             text = "delivery limit: the chunk lost its worker (x-delivery-limit reached)"
         else:
             text = f"dead-lettered by the broker: {reason}"
         if data.get("err"):
             text += f"; last error: {data['err']}"
-        try:
-            chunk = int(data.get("c", -1))
-        except (TypeError, ValueError):
-            chunk = -1
+        chunk = _int_or(data.get("c", -1), -1)
         at = deaths[0].get("time")
-        if hasattr(at, "timestamp"):
+        if isinstance(at, datetime.datetime):
             at = at.replace(tzinfo=at.tzinfo or datetime.timezone.utc).timestamp()
         return DeadLetter(chunk=chunk, reason=text,
-                          attempts=int(data.get("a", 1) or 1) + max(lost, 0),
+                          attempts=max(_int_or(data.get("a", 1) or 1, 1), 0) + max(lost, 0),
                           at=float(at) if isinstance(at, (int, float)) else None,
                           raw=None if chunk >= 0 else body[:2000].decode("utf-8", "replace"))
 
@@ -1691,22 +1738,11 @@ class RabbitMQBackend(Backend):
         """A Delivery, or None after dead-lettering a malformed message."""
         assert self.spec is not None
         try:
-            data = json.loads(raw.body)
-            if not isinstance(data, dict):
-                raise ValueError("the body is not a JSON object")
-            chunk = int(data["c"])
-            start, end = self.spec.bounds(chunk)
-            attempt = int(data.get("a", 1))
-            if "s" in data and (int(data["s"]), int(data["e"])) != (start, end):
-                raise ValueError(f"bounds {data['s']}..{data['e']} do not match the job")
-            lost = int(data.get("lost", 0) or 0)
-        except (KeyError, ValueError, TypeError) as exc:
-            reason = f"malformed message: {exc.__class__.__name__}: {exc}"
+            data, chunk, start, end, attempt, lost = parse_task_body(self.spec, raw.body)
+        except MalformedBody as exc:
+            reason = f"malformed message: {exc}"
             text = raw.body[:2000].decode("utf-8", "replace")
-            try:
-                chunk = int(json.loads(raw.body)["c"])
-            except Exception:  # noqa: BLE001 - no chunk id to report
-                chunk = -1
+            chunk = exc.chunk
             log.error("dead-lettering a message: %s", reason)
             token = (raw.gen, raw.tag) if raw.gen == self._io().gen else None
             self._dead_letter(chunk, reason, 0, raw=text, token=token)

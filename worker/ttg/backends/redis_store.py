@@ -33,7 +33,7 @@ import redis.exceptions as rex
 from ttg.backends.base import Backend, BrokerConfig, DeadLetter, Progress
 from ttg.errors import BrokerAuthError, BrokerUnavailable, JobMismatch
 from ttg.partial import Partial, decode_result
-from ttg.sweep import JobSpec
+from ttg.sweep import JobSpec, strict_float, strict_int
 
 log = logging.getLogger("ttg.redis")
 T = TypeVar("T")
@@ -105,6 +105,26 @@ return 1
 """
 
 
+def _opt(conv, value: object, default):  # noqa: ANN001, ANN202
+    try:
+        return conv(value)
+    except ValueError:
+        return default
+
+
+def parse_dead_letter(f: dict) -> DeadLetter:
+    """A dead-letter record {chunk, reason, attempts, worker, at[, raw]} as another process
+    wrote it; unreadable numbers become chunk -1, attempts 0, at None (never an exception)."""
+    return DeadLetter(
+        chunk=_opt(strict_int, f.get("chunk", "-1"), -1),
+        reason=str(f.get("reason", "")),
+        attempts=max(_opt(strict_int, f.get("attempts") or "0", 0), 0),
+        worker=str(f.get("worker") or "") or None,
+        at=_opt(strict_float, f["at"], None) if f.get("at") else None,
+        raw=str(f.get("raw") or "") or None,
+    )
+
+
 class Keys:
     def __init__(self, run_id: str) -> None:
         prefix = f"ttg:{{{run_id}}}:"
@@ -144,6 +164,9 @@ class RedisStore(Backend):
             config.url,
             password=config.password or None,
             decode_responses=True,
+            # bytes that are not UTF-8 (written by anyone) must reach the parsers as text,
+            # not raise inside the client's reply parser where no message can be dead-lettered
+            encoding_errors="backslashreplace",
             socket_connect_timeout=2,
             socket_timeout=30,
             socket_keepalive=True,
@@ -214,7 +237,7 @@ class RedisStore(Backend):
     # ---- job metadata -----------------------------------------------------------------
     def load_spec(self, run_id: str) -> JobSpec | None:
         meta = self.retrying(lambda: self.r.hgetall(Keys(run_id).meta))
-        return JobSpec.from_fields(meta) if meta else None
+        return JobSpec.from_fields(meta, run_id) if meta else None
 
     def _create_meta(self, spec: JobSpec) -> bool:
         """Store the spec; False if the same job exists already. JobMismatch if not same."""
@@ -246,25 +269,20 @@ class RedisStore(Backend):
     def results(self, run_id: str) -> Iterator[tuple[int, Partial, dict]]:
         k = Keys(run_id)
         for field, raw in self.r.hscan_iter(k.results, count=1000):
-            partial, meta = decode_result(raw)
-            yield int(field), partial, meta
+            try:
+                chunk = strict_int(field, "chunk")
+                partial, meta = decode_result(raw)
+            except ValueError as exc:  # never aggregated: the chunk shows as missing
+                log.error("run %s: skipping result %r: %s", run_id, field[:40], exc)
+                continue
+            yield chunk, partial, meta
 
     def dead_letters(self, run_id: str) -> list[DeadLetter]:
         k = Keys(run_id)
         out: dict[int, DeadLetter] = {}
         for _id, f in self.r.xrange(k.dlq):
-            try:
-                chunk = int(f.get("chunk", "-1"))
-            except ValueError:
-                chunk = -1
-            out[chunk] = DeadLetter(
-                chunk=chunk,
-                reason=f.get("reason", ""),
-                attempts=int(f.get("attempts", "0") or 0),
-                worker=f.get("worker") or None,
-                at=float(f["at"]) if f.get("at") else None,
-                raw=f.get("raw") or None,
-            )
+            d = parse_dead_letter(f)
+            out[d.chunk] = d
         return sorted(out.values(), key=lambda d: d.chunk)
 
     def event(self, kind: str, **fields: object) -> None:
@@ -279,9 +297,17 @@ class RedisStore(Backend):
     def events(self, run_id: str) -> list[dict]:
         out = []
         for _id, f in self.r.xrange(Keys(run_id).events):
-            f["ts"] = float(f["ts"])
-            if "chunk" in f and f["chunk"].lstrip("-").isdigit():
-                f["chunk"] = int(f["chunk"])
+            try:
+                f["ts"] = strict_float(f.get("ts"), "ts")
+                f["kind"] = str(f["kind"])
+            except (KeyError, ValueError):
+                log.error("run %s: skipping malformed event %s", run_id, repr(f)[:200])
+                continue
+            if "chunk" in f:
+                try:
+                    f["chunk"] = strict_int(f["chunk"], "chunk")
+                except ValueError:
+                    pass
             out.append(f)
         return out
 

@@ -27,7 +27,7 @@ from ttg.backends.base import BrokerConfig, Delivery, Progress
 from ttg.backends.redis_store import GROUP, Keys, RedisStore
 from ttg.errors import ConfigError
 from ttg.partial import Partial, encode_result
-from ttg.sweep import JobSpec
+from ttg.sweep import JobSpec, strict_int
 
 log = logging.getLogger("ttg.redis")
 
@@ -69,6 +69,52 @@ return 1
 """
 
 SUBMIT_BATCH = 1000
+TASK_FIELDS = frozenset({"c", "s", "e", "a", "err"})
+
+
+class MalformedMessage(ValueError):
+    """A message no worker can run; `chunk` is its chunk id when that much was readable."""
+
+    def __init__(self, reason: str, chunk: int = -1) -> None:
+        super().__init__(reason)
+        self.chunk = chunk
+
+
+def _raw(fields: object) -> str:
+    try:
+        return repr(fields)[:2000]
+    except Exception:  # noqa: BLE001 - a repr of what Redis returned cannot fail, but be sure
+        return "<unprintable>"
+
+
+def parse_task_entry(spec: JobSpec, fields: dict) -> tuple[int, int, int, int, str | None]:
+    """(chunk, start, end, attempt, last error) of a task entry `{c, s, e, a[, err]}` that
+    another process wrote; MalformedMessage with the reason for anything else. Pure: the
+    property tests run it on arbitrary input."""
+    if not isinstance(fields, dict):
+        raise MalformedMessage(f"not a field map: {type(fields).__name__}")
+    chunk = -1
+    try:
+        unknown = sorted(str(k)[:40] for k in fields if k not in TASK_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown[:5]}")
+        if "c" not in fields:
+            raise ValueError("no chunk field 'c'")
+        chunk = strict_int(fields["c"], "chunk")
+        start, end = spec.bounds(chunk)
+        attempt = strict_int(fields.get("a", "1"), "attempt")
+        if not 1 <= attempt <= spec.max_attempts:
+            raise ValueError(f"attempt {attempt} outside 1..{spec.max_attempts}")
+        if "s" in fields or "e" in fields:
+            got = (strict_int(fields.get("s"), "start"), strict_int(fields.get("e"), "end"))
+            if got != (start, end):
+                raise ValueError(f"bounds {got[0]}..{got[1]} do not match the job")
+        err = fields.get("err")
+        if err is not None and not isinstance(err, str):
+            raise ValueError("err is not text")
+    except ValueError as exc:
+        raise MalformedMessage(f"{exc}"[:500], max(chunk, -1)) from None
+    return chunk, start, end, attempt, err
 
 
 class RedisStreamsBackend(RedisStore):
@@ -245,26 +291,23 @@ class RedisStreamsBackend(RedisStore):
                 log.debug("lease renewal failed: %s", exc)
 
     def _parse(self, entry_id: str, fields: dict | None, reclaimed: bool) -> Delivery | None:
-        """A Delivery, or None after dead-lettering a malformed entry."""
+        """A Delivery, or None after dead-lettering a malformed entry (with the reason and the
+        raw fields; the entry is acked and deleted, so it can never come back)."""
         assert self.spec is not None
         if not fields:  # deleted while pending: nothing left to do
             self.retrying(lambda: self.r.xack(self.keys.tasks, GROUP, entry_id))
             return None
         try:
-            chunk = int(fields["c"])
-            start, end = self.spec.bounds(chunk)
-            attempt = int(fields.get("a", 1))
-            if "s" in fields and (int(fields["s"]), int(fields["e"])) != (start, end):
-                raise ValueError(f"bounds {fields['s']}..{fields['e']} do not match the job")
-        except (KeyError, ValueError) as exc:
-            reason = f"malformed message: {exc.__class__.__name__}: {exc}"
+            task = parse_task_entry(self.spec, fields)
+        except MalformedMessage as exc:
+            reason = f"malformed message: {exc}"
             log.error("dead-lettering entry %s: %s", entry_id, reason)
-            chunk = int(fields["c"]) if str(fields.get("c", "")).isdigit() else -1
-            self.dead_letter(chunk, reason, 0, entry_id=entry_id, raw=repr(fields))
+            self.dead_letter(exc.chunk, reason, 0, entry_id=entry_id, raw=_raw(fields))
             metrics.CHUNKS_DEAD.inc()
             return None
+        chunk, start, end, attempt, err = task
         return Delivery(self.spec.run_id, chunk, start, end, attempt, token=entry_id,
-                        reclaimed=reclaimed, last_error=fields.get("err"))
+                        reclaimed=reclaimed, last_error=err)
 
     def _deliveries(self, d: Delivery) -> int:
         info = self.r.xpending_range(self.keys.tasks, GROUP, d.token, d.token, 1)
@@ -436,8 +479,11 @@ class RedisStreamsBackend(RedisStore):
     def finished_for_me(self) -> bool:
         assert self.spec is not None and self.keys is not None
         k = self.keys
-        done, dead = self.batch(lambda p: (p.hlen(k.results), p.xlen(k.dlq)))
-        return done + dead >= self.spec.chunks_total
+        done, dead, length, pending = self.batch(lambda p: (
+            p.hlen(k.results), p.xlen(k.dlq), p.xlen(k.tasks), p.xpending(k.tasks, GROUP)))
+        # A dead letter of a malformed extra message counts in `dead` too: never leave while
+        # a chunk is still queued, or the fleet could all exit with it in the stream.
+        return done + dead >= self.spec.chunks_total and length <= pending["pending"]
 
     def close(self) -> None:
         try:
