@@ -66,7 +66,11 @@ def test_workers_complete_a_run_with_the_worker_user_only(acl, tmp_path, backend
     assert codes == [0, 0], logs
     assert "NOPERM" not in logs
     p = ctl.progress("lp")
-    assert (p.done, p.dead) == (19, 1)  # retries and the dead letter went through too
+    # the retry, the rows and the poisoned point's last attempt (stored with its error) went
+    # through with the worker's credential too
+    assert (p.done, p.dead, p.retried) == (20, 0, 1)
+    rows = ctl.take_rows("lp", 100)
+    assert sorted(c for _t, c, _r in rows) == list(range(20))
     ctl.close()
 
 
