@@ -1,5 +1,5 @@
 """The worker image (worker/Dockerfile), built and run with Docker under the same security
-context as the pods: UID 1000, read-only root, no capabilities, no new privileges, no network
+context as the pods: UID 10001, read-only root, no capabilities, no new privileges, no network
 (or the host's loopback for the sweep against a local Redis). Skipped, with the reason, where
 no Docker daemon is reachable.
 
@@ -35,7 +35,7 @@ SECURE = [
     "--security-opt",
     "no-new-privileges",
     "--user",
-    "1000:1000",
+    "10001:10001",
 ]
 
 pytestmark = pytest.mark.docker
@@ -128,7 +128,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     docker("image", "prune", "--force", "--filter", "label=ttg.io/stage=build", timeout=120)
 
 
-def test_help_and_validate_as_uid_1000_read_only(image: str) -> None:
+def test_help_and_validate_as_uid_10001_read_only(image: str) -> None:
     r = docker("run", "--rm", *SECURE, "--network", "none", image, "--help")
     assert r.returncode == 0 and "usage: ttg" in r.stdout, r.stderr
     r = docker(
@@ -150,7 +150,7 @@ def test_help_and_validate_as_uid_1000_read_only(image: str) -> None:
     )
     assert r.returncode == 0 and "job spec ok" in r.stdout, r.stdout + r.stderr
     r = docker("run", "--rm", *SECURE, "--network", "none", "--entrypoint", "id", image)
-    assert r.stdout.strip() == "uid=1000(ttg) gid=1000(ttg) groups=1000(ttg)", r.stdout
+    assert r.stdout.strip() == "uid=10001(ttg) gid=10001(ttg) groups=10001(ttg)", r.stdout
 
 
 def test_the_users_code_is_in_the_image_and_runs(image: str) -> None:
@@ -167,7 +167,7 @@ def test_image_metadata_and_size(image: str) -> None:
     r = docker("image", "inspect", image)
     info = json.loads(r.stdout)[0]
     config = info["Config"]
-    assert config["User"] == "1000:1000"
+    assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["ttg"]
     labels = config["Labels"]
     for key in ("version", "revision", "created"):
@@ -217,7 +217,7 @@ def test_dockerfile_pins_match_the_lock() -> None:
             assert lock.get(name.lower().replace("_", "-")) == version, pin
     text = (ROOT / "worker" / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11\.\d+-slim", text, re.MULTILINE)
-    assert "USER 1000:1000" in text and 'ENTRYPOINT ["ttg"]' in text
+    assert "USER 10001:10001" in text and 'ENTRYPOINT ["ttg"]' in text
     assert len(re.findall(r"^FROM ", text, re.MULTILINE)) >= 2
 
 
@@ -307,7 +307,7 @@ def test_sweep_with_containerised_workers_against_local_redis(
             "--rm",
             *common,
             "--tmpfs",
-            "/work/runs:uid=1000,gid=1000",
+            "/work/runs:uid=10001,gid=10001",
             image,
             "sweep",
             "--json",
