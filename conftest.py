@@ -19,8 +19,8 @@ SHARED_FIXTURES = {"render_dir": "k8s-manifests", "manifests": "k8s-manifests"}
 SHARED_MARKS = {"docker": "docker", "live": "kind"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Runs before xdist's own hook (trylast), which turns the marks into scheduling groups.
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
