@@ -6,6 +6,7 @@
 #   tools/k8s/build.sh kubelet      only the named binaries (any of the above, or kubelet)
 #   tools/k8s/build.sh --bin-dir    print the cache's bin directory and exit
 #   tools/k8s/build.sh --version    print the pinned Kubernetes version and exit
+#   tools/k8s/build.sh --paths      print {"version", "etcd_version", "bin_dir", "etcd"} as JSON and exit
 #
 # Environment: TTG_K8S_CACHE (default /var/cache/ttg-k8s) holds <version>/bin/ and go/{mod,build}.
 set -euo pipefail
@@ -38,7 +39,11 @@ for arg in "$@"; do
   case $arg in
     --bin-dir) echo "$bin"; exit 0 ;;
     --version) echo "$version"; exit 0 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --paths)
+      printf '{"version": "%s", "etcd_version": "%s", "bin_dir": "%s", "etcd": "%s"}\n' \
+        "$version" "$etcd_version" "$bin" "$bin/etcd-$etcd_version"
+      exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) [[ -n ${pkg[$arg]:-} ]] || die "unknown binary '$arg' (one of: ${!pkg[*]})"; targets+=("$arg") ;;
   esac
 done
