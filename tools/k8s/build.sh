@@ -8,7 +8,8 @@
 #   tools/k8s/build.sh --version    print the pinned Kubernetes version and exit
 #   tools/k8s/build.sh --paths      print {"version", "etcd_version", "bin_dir", "etcd"} as JSON and exit
 #
-# Environment: TTG_K8S_CACHE (default /var/cache/ttg-k8s) holds <version>/bin/ and go/{mod,build}.
+# Environment: TTG_K8S_CACHE (default /var/cache/ttg-k8s) holds <version>/bin/ and go/{mod,build};
+# TTG_K8S_NICE (default 15) and TTG_K8S_JOBS (go build -p, default 1) share a busy machine.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -24,6 +25,7 @@ major=${BASH_REMATCH[1]} minor=${BASH_REMATCH[2]}
 [[ -n $etcd_version ]] || die "no pinned go.etcd.io/etcd/server/v3 in $here/etcd/go.mod"
 
 cache=${TTG_K8S_CACHE:-/var/cache/ttg-k8s}
+niceness=${TTG_K8S_NICE:-15} jobs=${TTG_K8S_JOBS:-1}
 bin="$cache/$version/bin"
 
 declare -A pkg=(
@@ -43,7 +45,7 @@ for arg in "$@"; do
       printf '{"version": "%s", "etcd_version": "%s", "bin_dir": "%s", "etcd": "%s"}\n' \
         "$version" "$etcd_version" "$bin" "$bin/etcd-$etcd_version"
       exit 0 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) [[ -n ${pkg[$arg]:-} ]] || die "unknown binary '$arg' (one of: ${!pkg[*]})"; targets+=("$arg") ;;
   esac
 done
@@ -87,11 +89,11 @@ if ((${#kube[@]})); then
   pkgs=()
   for t in "${kube[@]}"; do pkgs+=("${pkg[$t]}"); done
   echo "build.sh: building ${kube[*]} $version into $bin (slow the first time: minutes per binary)"
-  (cd "$here" && nice -n 15 go build -p 1 -trimpath -ldflags "$ldflags" -o "$tmp/" "${pkgs[@]}")
+  (cd "$here" && nice -n "$niceness" go build -p "$jobs" -trimpath -ldflags "$ldflags" -o "$tmp/" "${pkgs[@]}")
 fi
 if ((${#etcd[@]})); then
   echo "build.sh: building etcd $etcd_version into $bin"
-  (cd "$here/etcd" && nice -n 15 go build -p 1 -trimpath -ldflags "-s -w" -o "$tmp/etcd" "${pkg[etcd]}")
+  (cd "$here/etcd" && nice -n "$niceness" go build -p "$jobs" -trimpath -ldflags "-s -w" -o "$tmp/etcd" "${pkg[etcd]}")
   mv "$tmp/etcd" "$tmp/etcd-$etcd_version"
 fi
 for f in "$tmp"/*; do mv -f "$f" "$bin/"; done # each binary appears whole or not at all
