@@ -60,7 +60,7 @@ endif
 .PHONY: help
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*##"; printf "\nUsage:\n  make \033[36m<target>\033[0m [VAR=value ...]\n"} \
-	  /^[a-zA-Z_-]+:.*?##/ { printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2 } \
+	  /^[a-zA-Z0-9_-]+:.*?##/ { printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2 } \
 	  /^[A-Z_]+ \?=.*##/ { split($$0, a, "##"); n = a[1]; v = a[1]; sub(/ \?=.*/, "", n); sub(/^[^=]*= ?/, "", v); \
 	    printf "  \033[33m%-12s\033[0m %-10s %s\n", n, v, a[2] } \
 	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
@@ -148,6 +148,24 @@ bench: setup ## Measure every backend against the performance targets (runs/benc
 .PHONY: manifests
 manifests: setup ## Render kind/aks x redis/rabbitmq/static manifests into build/manifests/ (offline)
 	for p in kind aks; do ansible-playbook -i inventories/$$p playbooks/render-manifests.yml $(ANSIBLE_ARGS); done
+
+##@ Kubernetes (a real control plane on this machine: etcd, kube-apiserver, controller-manager, scheduler)
+PURGE ?=## k8s-down: yes = also remove .state/k8s (etcd data, PKI, kubeconfigs)
+ifneq ($(filter-out yes,$(PURGE)),)
+$(error PURGE must be yes or empty, got '$(PURGE)')
+endif
+
+.PHONY: k8s-build
+k8s-build: ## Build the pinned Kubernetes binaries and etcd into the cache (/var/cache/ttg-k8s), if absent
+	tools/k8s/build.sh
+
+.PHONY: k8s-up
+k8s-up: setup ## Start the local control plane; then export KUBECONFIG=.state/k8s/admin.kubeconfig
+	ansible-playbook -i inventories/local playbooks/k8s-up.yml $(ANSIBLE_ARGS)
+
+.PHONY: k8s-down
+k8s-down: setup ## Stop every process of the local control plane (PURGE=yes removes its data too)
+	ansible-playbook -i inventories/local playbooks/k8s-down.yml -e 'local_k8s_purge=$(if $(filter yes,$(PURGE)),true,false)' $(ANSIBLE_ARGS)
 
 ##@ Test
 

@@ -1,0 +1,381 @@
+"""The local control plane (`make k8s-up`, roles/local_k8s) against itself and against every
+rendered manifest: real etcd, real kube-apiserver / controller-manager / scheduler built from the
+pinned source, started through make and Ansible with an isolated state dir and free ports."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import BACKENDS, CRD_KINDS, PLATFORMS, ROOT, load_docs, run
+
+# One cluster for the module: with pytest-xdist, `--dist loadgroup` keeps it on one worker.
+pytestmark = pytest.mark.xdist_group("local_k8s")
+
+BUILD = ROOT / "tools" / "k8s" / "build.sh"
+SCHEMAS = Path(__file__).parent / "schemas"
+PROGRAMS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+VARIANTS = [
+    f"{p}/{b}{x}"
+    for p in PLATFORMS
+    for b in BACKENDS
+    for x in ("", "-extras", "-chaos")
+]
+# The CRDs of the optional extras, served from the subset schemas the offline tests use.
+CRDS = {
+    "keda-scaledobject.json": ("keda.sh", "v1alpha1", "ScaledObject", "scaledobjects"),
+    "keda-triggerauthentication.json": (
+        "keda.sh",
+        "v1alpha1",
+        "TriggerAuthentication",
+        "triggerauthentications",
+    ),
+    "monitoring-podmonitor.json": (
+        "monitoring.coreos.com",
+        "v1",
+        "PodMonitor",
+        "podmonitors",
+    ),
+}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def paths() -> dict[str, str]:
+    out = subprocess.run(
+        [str(BUILD), "--paths"], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)
+
+
+class Cluster:
+    def __init__(self, state: Path, ports: list[int], bins: dict[str, str]) -> None:
+        self.state = state
+        self.dir = state / "k8s"
+        self.ports = ports
+        self.version = bins["version"]
+        self.kubectl = str(Path(bins["bin_dir"]) / "kubectl")
+        self.kubeconfig = str(self.dir / "admin.kubeconfig")
+        self.supervisor_conf = self.dir / "supervisor" / "supervisord.conf"
+
+    def args(self) -> str:
+        names = (
+            "apiserver_port",
+            "etcd_client_port",
+            "etcd_peer_port",
+            "controller_manager_port",
+            "scheduler_port",
+        )
+        extra = [f"-e ttg_state_dir={self.state}"] + [
+            f"-e local_k8s_{n}={p}" for n, p in zip(names, self.ports, strict=True)
+        ]
+        return "ANSIBLE_ARGS=" + " ".join(extra)
+
+    def make(
+        self, *target: str, timeout: float = 900
+    ) -> subprocess.CompletedProcess[str]:
+        return run(["make", *target, self.args()], timeout=timeout)
+
+    def kubectl_run(
+        self, *args: str, stdin: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.kubectl, "--kubeconfig", self.kubeconfig, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def ok(self, *args: str, stdin: str | None = None) -> str:
+        r = self.kubectl_run(*args, stdin=stdin)
+        assert r.returncode == 0, f"kubectl {' '.join(args)}: {r.stdout}{r.stderr}"
+        return r.stdout
+
+    def pids(self) -> dict[str, int]:
+        """supervisord's pid and each program's, as supervisorctl reports them."""
+        ctl = [
+            str(ROOT / ".venv" / "bin" / "supervisorctl"),
+            "-c",
+            str(self.supervisor_conf),
+        ]
+        out = {"supervisord": int(subprocess.check_output([*ctl, "pid"], text=True))}
+        for p in PROGRAMS:
+            out[p] = int(
+                subprocess.check_output([*ctl, "pid", f"ttg-k8s:{p}"], text=True)
+            )
+        return out
+
+    def wait_for_default_serviceaccount(self, namespace: str) -> None:
+        """The ServiceAccount admission plugin refuses pods until the controller manager has
+        created the namespace's `default` ServiceAccount."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (
+                self.kubectl_run(
+                    "-n", namespace, "get", "serviceaccount", "default"
+                ).returncode
+                == 0
+            ):
+                return
+            time.sleep(1)
+        pytest.fail(f"no default ServiceAccount in {namespace} after 60 s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    bins = paths()
+    if not Path(bins["bin_dir"], "kube-apiserver").exists() and not shutil.which("go"):
+        pytest.skip(
+            f"the Kubernetes binaries are not in {bins['bin_dir']} and there is no go "
+            "toolchain to build them (tools/k8s/build.sh)"
+        )
+    built = run([str(BUILD)], timeout=4 * 3600)  # a no-op when cached
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    c = Cluster(tmp_path_factory.mktemp("k8s"), free_ports(5), bins)
+    up = c.make("k8s-up")
+    try:
+        assert up.returncode == 0, up.stdout[-6000:] + up.stderr[-3000:]
+        yield c
+    finally:
+        down = c.make("k8s-down", "PURGE=yes")
+        assert down.returncode == 0, down.stdout[-4000:] + down.stderr[-2000:]
+
+
+def test_server_reports_the_pinned_release(cluster: Cluster) -> None:
+    pinned = run([str(BUILD), "--version"]).stdout.strip()
+    assert pinned.startswith("v1.")
+    version = json.loads(cluster.ok("version", "-o", "json"))
+    assert version["serverVersion"]["gitVersion"] == pinned
+    assert version["clientVersion"]["gitVersion"] == pinned
+    assert version["serverVersion"]["minor"] == pinned.split(".")[1]
+
+
+def test_admin_is_master_and_rbac_refuses_others(cluster: Cluster) -> None:
+    assert cluster.ok("auth", "can-i", "*", "*").strip() == "yes"
+    r = cluster.kubectl_run(
+        "auth", "can-i", "create", "pods", "--as=system:kube-scheduler"
+    )
+    assert r.stdout.strip() == "no", r.stdout + r.stderr
+    # No anonymous access: the server refuses a client without a certificate.
+    ctx = ssl.create_default_context(cafile=str(cluster.dir / "pki" / "ca.crt"))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(
+            f"https://127.0.0.1:{cluster.ports[0]}/readyz", context=ctx, timeout=30
+        )
+    assert refused.value.code == 401
+
+
+def _pod(name: str, namespace: str, compliant: bool) -> str:
+    container: dict = {"name": "c", "image": "registry.invalid/ttg/none:1"}
+    if compliant:
+        container["securityContext"] = {
+            "allowPrivilegeEscalation": False,
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+    else:
+        container["securityContext"] = {"privileged": True}
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"containers": [container]},
+        }
+    )
+
+
+def test_pod_security_restricted_is_enforced(cluster: Cluster) -> None:
+    ns = "ttg-pss-restricted"
+    cluster.ok("create", "namespace", ns)
+    cluster.ok(
+        "label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted"
+    )
+    cluster.wait_for_default_serviceaccount(ns)
+    refused = cluster.kubectl_run("create", "-f", "-", stdin=_pod("bad", ns, False))
+    assert refused.returncode != 0, refused.stdout
+    assert 'violates PodSecurity "restricted:latest"' in refused.stderr, refused.stderr
+    assert "privileged" in refused.stderr
+    assert cluster.kubectl_run("-n", ns, "get", "pod", "bad").returncode != 0
+    accepted = cluster.ok(
+        "create",
+        "--dry-run=server",
+        "-o",
+        "json",
+        "-f",
+        "-",
+        stdin=_pod("good", ns, True),
+    )
+    assert json.loads(accepted)["metadata"]["namespace"] == ns
+    # The same violating pod is admitted where nothing is enforced: the refusal was PodSecurity's.
+    cluster.wait_for_default_serviceaccount("default")
+    cluster.ok(
+        "create", "--dry-run=server", "-f", "-", stdin=_pod("bad", "default", False)
+    )
+
+
+def _structural(schema: dict) -> dict:
+    """A CRD's structural OpenAPI schema from a test JSON schema (const -> enum; CRDs prune
+    and, with kubectl's strict field validation, refuse unknown fields themselves)."""
+    out: dict = {}
+    for key, value in schema.items():
+        if key in ("$schema", "description"):
+            continue
+        if key == "const":
+            out["enum"] = [value]
+            out.setdefault("type", "string")
+        elif key == "properties":
+            out[key] = {k: _structural(v) for k, v in value.items()}
+        elif key in ("items",) or (
+            key == "additionalProperties" and isinstance(value, dict)
+        ):
+            out[key] = _structural(value)
+        elif key == "additionalProperties":
+            continue
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _crd(schema_file: str) -> dict:
+    group, version, kind, plural = CRDS[schema_file]
+    schema = json.loads((SCHEMAS / schema_file).read_text())
+    props = {
+        k: _structural(v) for k, v in schema["properties"].items() if k != "metadata"
+    }
+    props["metadata"] = {"type": "object"}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}"},
+        "spec": {
+            "group": group,
+            "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": version,
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": props,
+                            "required": [
+                                r for r in schema.get("required", []) if r != "metadata"
+                            ],
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def crds(cluster: Cluster) -> list[str]:
+    """KEDA's and the Prometheus operator's CRDs, from tests/k8s/schemas/ (the subset TTG
+    renders), installed so the -extras variants go through the server too."""
+    docs = [_crd(f) for f in sorted(CRDS)]
+    assert {d["spec"]["names"]["kind"] for d in docs} == CRD_KINDS
+    cluster.ok(
+        "apply",
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}),
+    )
+    names = [d["metadata"]["name"] for d in docs]
+    cluster.ok(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        *[f"crd/{n}" for n in names],
+    )
+    return names
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rendered_manifests_pass_a_server_side_dry_run(
+    cluster: Cluster, crds: list[str], render_dir: Path, variant: str
+) -> None:
+    """Everything `make manifests` renders, through the real API server's validation,
+    admission (PodSecurity at the namespace's own level) and defaulting, without persisting."""
+    d = render_dir / variant
+    files = sorted(d.glob("*.yml"))
+    assert files and files[0].name == "00-namespace.yml", [f.name for f in files]
+    # The namespace for real (a dry run of it would not make it exist for the rest).
+    cluster.ok("apply", "-f", str(files[0]))
+    ns = [
+        doc["metadata"]["name"]
+        for doc in load_docs(files[0])
+        if doc["kind"] == "Namespace"
+    ]
+    for n in ns:
+        cluster.wait_for_default_serviceaccount(n)
+    args = ["apply", "--dry-run=server", "-o", "json"]
+    for f in files[1:]:
+        args += ["-f", str(f)]
+    r = cluster.kubectl_run(*args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    # PodSecurity refuses pods but only warns on the workloads that would create them.
+    assert "would violate PodSecurity" not in r.stderr, r.stderr
+    out = json.loads(r.stdout)
+    applied = out["items"] if out.get("kind") == "List" else [out]
+    expected = sum(len(load_docs(f)) for f in files[1:])
+    assert len(applied) == expected, (
+        f"{len(applied)} of {expected} objects went through"
+    )
+    kinds = {o["kind"] for o in applied}
+    assert {"Secret", "NetworkPolicy", "Job"} <= kinds, kinds
+
+
+def test_down_leaves_no_process_of_the_cluster(cluster: Cluster) -> None:
+    """Last in this module: `make k8s-down` stops supervisord and every program, by pid."""
+    before = cluster.pids()
+    assert all(pid > 0 for pid in before.values()), before
+    for pid in before.values():
+        assert Path(f"/proc/{pid}").exists()
+    down = cluster.make("k8s-down")
+    assert down.returncode == 0, down.stdout[-4000:] + down.stderr[-2000:]
+    deadline = time.monotonic() + 30
+    alive = before
+    while alive and time.monotonic() < deadline:
+        alive = {n: p for n, p in before.items() if _running(p)}
+        time.sleep(0.5)
+    assert not alive, f"still running after make k8s-down: {alive}"
+    # The data stays without PURGE=yes: the CA and etcd's data dir are still there.
+    assert (cluster.dir / "pki" / "ca.crt").exists()
+    assert any((cluster.dir / "etcd").iterdir())
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
