@@ -19,7 +19,7 @@ from sklearn.svm import SVC
 _DATA = None
 
 
-def _data():  # loaded once per worker process
+def _data() -> tuple:  # loaded once per worker process
     global _DATA
     if _DATA is None:
         _DATA = load_wine(return_X_y=True)

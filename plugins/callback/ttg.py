@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 from ansible.plugins.callback.default import CallbackModule as DefaultCallback
 
@@ -54,7 +55,7 @@ NO_STAGES = {"status.yml", "cleanup.yml"}
 PLAIN_INTERVAL_S = float(os.environ.get("TTG_PROGRESS_INTERVAL", "5") or 5)
 
 
-def _stage_of(task) -> str | None:
+def _stage_of(task: Any) -> str | None:
     role = task._role.get_name() if getattr(task, "_role", None) else None
     if role is None:
         return None
@@ -76,7 +77,7 @@ def _fmt_eta(seconds: float | None) -> str:
 class ProgressTail:
     """Reads the controller's progress records from a file and shows them until stopped."""
 
-    def __init__(self, path: str, out, tty: bool) -> None:
+    def __init__(self, path: str, out: Any, tty: bool) -> None:
         self.path = path
         self.out = out
         self.tty = tty
@@ -201,7 +202,7 @@ class CallbackModule(DefaultCallback):
         self._done: set[str] = set()  # stages closed after their progress: not reopened
 
     # ---- stages ----------------------------------------------------------------------
-    def v2_playbook_on_start(self, playbook) -> None:
+    def v2_playbook_on_start(self, playbook: Any) -> None:
         self._stages_shown = os.path.basename(playbook._file_name) not in NO_STAGES
 
     def _close_stage(self) -> None:
@@ -211,7 +212,7 @@ class CallbackModule(DefaultCallback):
             self._display.display(f"{self._stage:<10} {secs:6.1f} s{changed}")
         self._stage = None
 
-    def _enter(self, task) -> None:
+    def _enter(self, task: Any) -> None:
         stage = _stage_of(task) or self._stage
         if stage is None or stage in self._done:
             return
@@ -220,21 +221,21 @@ class CallbackModule(DefaultCallback):
             self._stage, self._stage_t0, self._stage_changed = stage, self._task_t0, 0
 
     # ---- plays and tasks: nothing printed --------------------------------------------
-    def v2_playbook_on_play_start(self, play) -> None:
+    def v2_playbook_on_play_start(self, play: Any) -> None:
         self._close_stage()  # a play is a stage boundary
 
-    def v2_playbook_on_task_start(self, task, is_conditional) -> None:
+    def v2_playbook_on_task_start(self, task: Any, is_conditional: Any) -> None:
         self._task_t0 = time.monotonic()
         self._lines_at_task = self._tail.lines
         self._tail.start()  # cheap when nothing writes: shows the sweep task's progress
 
-    def v2_playbook_on_handler_task_start(self, task) -> None:
+    def v2_playbook_on_handler_task_start(self, task: Any) -> None:
         self._task_t0 = time.monotonic()
 
-    def v2_playbook_on_cleanup_task_start(self, task) -> None:
+    def v2_playbook_on_cleanup_task_start(self, task: Any) -> None:
         self._task_t0 = time.monotonic()
 
-    def v2_playbook_on_include(self, included_file) -> None:
+    def v2_playbook_on_include(self, included_file: Any) -> None:
         pass
 
     def v2_playbook_on_no_hosts_matched(self) -> None:
@@ -243,20 +244,20 @@ class CallbackModule(DefaultCallback):
     def v2_playbook_on_no_hosts_remaining(self) -> None:
         pass
 
-    def v2_runner_on_start(self, host, task) -> None:
+    def v2_runner_on_start(self, host: Any, task: Any) -> None:
         pass
 
-    def v2_runner_retry(self, result) -> None:
+    def v2_runner_retry(self, result: Any) -> None:
         pass
 
-    def v2_runner_on_skipped(self, result) -> None:
+    def v2_runner_on_skipped(self, result: Any) -> None:
         pass
 
-    def v2_runner_item_on_skipped(self, result) -> None:
+    def v2_runner_item_on_skipped(self, result: Any) -> None:
         pass
 
     # ---- results ---------------------------------------------------------------------
-    def _said(self, result) -> None:
+    def _said(self, result: Any) -> None:
         """A debug task's message, as plain lines (what the playbook says to the user)."""
         if result._task.action not in ("debug", "ansible.builtin.debug"):
             return
@@ -270,7 +271,7 @@ class CallbackModule(DefaultCallback):
         for line in lines:
             self._display.display(str(line))
 
-    def _ok(self, result) -> None:
+    def _ok(self, result: Any) -> None:
         shown = getattr(self, "_lines_at_task", self._tail.lines)
         self._tail.stop()
         self._enter(result._task)
@@ -283,17 +284,17 @@ class CallbackModule(DefaultCallback):
             self._close_stage()
         self._said(result)
 
-    def v2_runner_on_ok(self, result) -> None:
+    def v2_runner_on_ok(self, result: Any) -> None:
         if result._result.get("results") is None:
             self._ok(result)
         else:
             self._tail.stop()
             self._enter(result._task)
 
-    def v2_runner_item_on_ok(self, result) -> None:
+    def v2_runner_item_on_ok(self, result: Any) -> None:
         self._ok(result)
 
-    def _reason(self, result) -> str:
+    def _reason(self, result: Any) -> str:
         res = result._result
         msg = res.get("msg") or ""
         if not isinstance(msg, str):
@@ -307,7 +308,7 @@ class CallbackModule(DefaultCallback):
             msg = "\n".join([*tail, f"{cmd or result._task.get_name()} failed{code}"])
         return msg.strip()
 
-    def v2_runner_on_failed(self, result, ignore_errors=False) -> None:
+    def v2_runner_on_failed(self, result: Any, ignore_errors: Any=False) -> None:
         self._tail.stop()
         if ignore_errors:
             return
@@ -316,16 +317,16 @@ class CallbackModule(DefaultCallback):
             return
         self._failures.append((result._task.name or result._task.get_name(), self._reason(result)))
 
-    def v2_runner_item_on_failed(self, result) -> None:
+    def v2_runner_item_on_failed(self, result: Any) -> None:
         self._failures.append((result._task.name or result._task.get_name(), self._reason(result)))
 
-    def v2_runner_on_unreachable(self, result) -> None:
+    def v2_runner_on_unreachable(self, result: Any) -> None:
         self._tail.stop()
         self._failures.append((result._task.name or result._task.get_name(),
                                f"{result._host} unreachable: {result._result.get('msg', '')}"))
 
     # ---- the end: failures last ------------------------------------------------------
-    def v2_playbook_on_stats(self, stats) -> None:
+    def v2_playbook_on_stats(self, stats: Any) -> None:
         self._tail.stop()
         stage = self._stage
         self._close_stage()

@@ -14,7 +14,8 @@ import pytest
 from .helpers import ROOT, Platform, env
 
 
-def make(platform: Platform, *args: str, extra: str = "", timeout: float = 900) -> tuple[int, list[str]]:
+def make(platform: Platform, *args: str, extra: str = "",
+         timeout: float = 900) -> tuple[int, list[str]]:
     """Run make on the isolated platform; return (exit code, the non-empty output lines)."""
     proc = subprocess.run(
         ["make", *args, f"ANSIBLE_ARGS={platform.ansible_args} {extra}".strip()],
@@ -44,7 +45,8 @@ def test_demo_prints_stages_progress_then_the_summary_once(platform: Platform) -
     assert "params/s" in progress[-1] and "workers 3" in progress[-1]
     assert text.count("verdict  OK") == 1
     # after the summary: where its files are, last
-    assert lines[-1].startswith(f"Run {run_id} ok: summary {platform.runs_dir}/{run_id}/summary.json")
+    where = f"{platform.runs_dir}/{run_id}/summary.json"
+    assert lines[-1].startswith(f"Run {run_id} ok: summary {where}")
     assert "TASK [" not in text and "PLAY [" not in text and "skipping" not in text
 
 
@@ -55,7 +57,8 @@ def last_lines(lines: list[str], n: int = 3) -> str:
 def test_bad_backend_ends_with_the_reason(platform: Platform) -> None:
     rc, lines = make(platform, "demo", "BACKEND=kafka", timeout=120)
     assert rc != 0
-    assert "BACKEND 'kafka' is not valid: choose one of redis, rabbitmq, static" in last_lines(lines)
+    want = "BACKEND 'kafka' is not valid: choose one of redis, rabbitmq, static"
+    assert want in last_lines(lines)
     assert len(lines) <= 6, "\n".join(lines)  # no Ansible error dump, no recap
 
 
@@ -66,7 +69,8 @@ def test_kind_without_docker_or_kind_ends_with_the_reason(platform: Platform) ->
                            "-e kind_cluster_kind_bin=/nonexistent/kind")
     assert rc != 0
     tail = last_lines(lines)
-    assert "PLATFORM=kind needs a reachable Docker daemon (docker info failed), kind on PATH" in tail
+    assert ("PLATFORM=kind needs a reachable Docker daemon (docker info failed), kind on PATH"
+            in tail)
     assert "install Docker and kind" in tail
 
 
