@@ -27,7 +27,8 @@ def test_bad_environment_with_help_is_one_line_exit_2():
     out = subprocess.run([sys.executable, "-m", "ttg.cli", "--help"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert out.stderr.strip() == "ttg: error: TTG_PARAMS: not an integer: 'abc'"
+    assert out.stderr.strip() == ("ttg: error: TTG_PARAMS='abc' is not a whole number: unset it "
+                                  "or give a whole number")
     assert out.stdout == ""
 
 
@@ -36,7 +37,8 @@ def test_bad_worker_index_is_one_line_exit_2():
     out = subprocess.run([sys.executable, "-m", "ttg.cli", "work"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stderr.strip()) == (
-        2, "ttg: error: JOB_COMPLETION_INDEX: not an integer: '²'")
+        2, "ttg: error: JOB_COMPLETION_INDEX='²' is not a whole number: unset it or give a "
+           "whole number")
 
 
 @contextlib.contextmanager
@@ -87,6 +89,6 @@ def test_any_validate_arguments_are_accepted_or_one_line(args):
     assert code in (0, 2), (code, err)
     assert "Traceback" not in err
     if code == 0:
-        assert out.strip() == "job spec ok"
+        assert out.startswith("job spec ok")
     else:
         assert ": error: " in err.strip().split("\n")[-1]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ttg import cli
+from ttg import cli_parser as cli  # the parser and its TTG_* variables
 from ttg.controller import worker_seconds
 
 
