@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from .helpers import PLATFORMS, ROOT, env, load_docs, tool
 
@@ -23,9 +25,26 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def render_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """build/manifests/<platform>/<backend>[-extras]/, rendered through Ansible's own
-    templating (playbooks/render-manifests.yml, the k8s_app role's `render` entry point)."""
-    out = tmp_path_factory.mktemp("manifests")
-    state = tmp_path_factory.mktemp("state")
+    templating (playbooks/render-manifests.yml, the k8s_app role's `render` entry point).
+
+    Once per test session, not once per pytest-xdist worker: the first worker renders under
+    a file lock into the directory the workers share, the others read the result (three
+    workers each running three playbooks of ~100 template tasks on two cores took over ten
+    minutes)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # pytest-of-<user>/pytest-N/, above each worker's popen-gwK/
+    out, state, done = shared / "manifests", shared / "manifests-state", shared / "manifests.ok"
+    with FileLock(str(shared / "manifests.lock")):
+        if not done.exists():
+            _render(out, state)
+            done.touch()
+    return out
+
+
+def _render(out: Path, state: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
     procs = {
         platform: subprocess.Popen(
             [
@@ -47,9 +66,8 @@ def render_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for platform in PLATFORMS  # in parallel: each is ~100 template tasks
     }
     for platform, proc in procs.items():
-        output, _ = proc.communicate(timeout=600)
+        output, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, f"{platform}: {output[-4000:]}"
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,13 @@ def env() -> dict[str, str]:
 
 
 def run(
-    args: list[str], timeout: float = 600, cwd: Path = ROOT
+    args: list[str], timeout: float = 600, cwd: Path = ROOT, **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
     """Run a command (in the repository by default) and capture its output."""
     return subprocess.run(
         args,
         cwd=cwd,
-        env=env(),
+        env={**env(), **extra_env},
         capture_output=True,
         text=True,
         timeout=timeout,

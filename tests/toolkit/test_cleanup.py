@@ -205,7 +205,7 @@ def test_kubernetes_selection_is_by_labels_offline(tmp_path: Path) -> None:
     assert "StatefulSet ttg/ttg-redis" in everything
     assert "Deployment ttg/ttg-workers" in everything
     assert "Secret ttg/ttg-broker" not in everything  # credentials go with purge only
-    assert "kept, not the project''s: ConfigMap someone-elses" in everything
+    assert "kept, not the project's: ConfigMap someone-elses" in everything
     assert "ttg/someone-elses" not in everything
     workers = dry("--tags", "workers")
     assert "Deployment ttg/ttg-workers" in workers

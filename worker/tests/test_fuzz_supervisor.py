@@ -43,7 +43,7 @@ def playbook(tmp: Path, extra_env: dict[str, str], run_id: str = "r1") -> Path:
         "fleet_log_format": "json", "fleet_ttg": "/opt/ttg/bin/ttg",
         "fleet_program": "ttg-fleet", "fleet_stopwaitsecs": 5, "fleet_log_dir": str(tmp),
         "fleet_supervisor_dir": str(tmp), "fleet_min_idle_ms": 3000,
-        "fleet_extra_env": extra_env,
+        "fleet_task": "", "fleet_code": "", "fleet_extra_env": extra_env,
     }
     play = [{
         "hosts": "localhost", "gather_facts": False, "vars": vars_,
@@ -103,5 +103,6 @@ def test_values_no_quoting_can_hold_are_refused_before_writing(tmp_path: Path,
                                                                value: str) -> None:
     out = render(tmp_path, {"TTG_POISON_PARAM": value})
     assert out.returncode != 0
-    assert "cannot be written into the supervisord program safely" in out.stdout
+    # the project's stdout callback puts a failure's reason on stderr, last
+    assert "cannot be written into the supervisord program safely" in out.stderr
     assert not (tmp_path / "conf.d/ttg-fleet.conf").exists()

@@ -418,11 +418,12 @@ def test_report_of_a_real_chaos_run_matches_the_summary(env):
     for png in ("throughput.png", "workers.png", "durations.png", "timeline.png"):
         assert f"]({png})" in md
         assert is_png(run_dir / png), png
-    assert rep["plots"] == ["throughput.png", "workers.png", "durations.png", "timeline.png"]
+    assert rep["plots"] == ["throughput.png", "workers.png", "durations.png", "timeline.png",
+                            "outputs.png"]  # the last: the distribution of each output
 
 
 def test_report_with_at_progress_fault_and_verdict_not_ok(env):
-    """`sweep --report` writes the report at the end; a poisoned chunk makes it NOT OK."""
+    """`sweep --report` writes the report at the end; a failed point makes it NOT OK."""
     env.fleet("bad", 2, TTG_POISON_PARAM="55")
     runs = env.tmp / "runs"
     faults = env.tmp / "faults.json"
@@ -433,14 +434,14 @@ def test_report_with_at_progress_fault_and_verdict_not_ok(env):
                 "--faults", str(faults), "--report", run_id="bad")
     assert r.returncode == 1
     md = (runs / "bad" / "report.md").read_text()
-    assert "**Verdict: NOT OK** — 1 chunk(s) dead-lettered [5]" in md
+    assert "**Verdict: NOT OK** — 1 point(s) failed, 0 expected (ttg results bad --failures)" in md
     rep = json.loads((runs / "bad" / "report.json").read_text())
-    assert sum(w["chunks"] for w in rep["workers"].values()) == 19
-    assert rep["throughput"]["params"] == 190
+    assert sum(w["chunks"] for w in rep["workers"].values()) == 20  # chunk 5, with its failure
+    assert rep["throughput"]["params"] == 199
     (fault,) = rep["faults"]
     assert fault["at_s"] is not None and 0 < fault["at_s"] <= rep["span_s"]
     assert "broker-kill" in md and "(progress 50%)" in md
-    assert all(is_png(runs / "bad" / f) for f in rep["plots"]) and len(rep["plots"]) == 4
+    assert all(is_png(runs / "bad" / f) for f in rep["plots"]) and len(rep["plots"]) == 5
 
 
 def test_report_on_a_missing_run_is_one_clear_error(tmp_path):
@@ -465,16 +466,20 @@ def test_chunk_log_lines_carry_run_worker_chunk_attempt(env, fmt):
         records = [json.loads(line) for line in lines]  # every line is JSON
         chunk_lines = [r for r in records if "chunk" in r]
         done = [r for r in chunk_lines if r["msg"].startswith("chunk done")]
-        assert {r["chunk"] for r in done} == set(range(10)) - {2}  # chunk 2 is poisoned
+        # chunk 2 is poisoned: two failed attempts, then stored with its failed point
+        assert {r["chunk"] for r in done} == set(range(10))
         failed = [r for r in chunk_lines if r["msg"].startswith("task failed")]
-        assert [r["attempt"] for r in failed] == [1, 2, 3] and {r["chunk"] for r in failed} == {2}
+        assert [r["attempt"] for r in failed] == [1, 2] and {r["chunk"] for r in failed} == {2}
+        stored = [r for r in chunk_lines if r["msg"].startswith("stored with 1 failed point")]
+        assert [(r["chunk"], r["attempt"]) for r in stored] == [(2, 3)]
         for r in chunk_lines:
             assert r["run_id"] == "logs" and r["worker"] == "worker-0", r
             if r["logger"] == "ttg.worker":
                 assert isinstance(r["chunk"], int) and isinstance(r["attempt"], int), r
     else:
         chunk_lines = [ln for ln in lines if " chunk=" in ln]
-        assert sum("chunk done" in ln for ln in chunk_lines) == 9
+        assert sum("chunk done" in ln for ln in chunk_lines) == 10
+        assert sum("task failed" in ln for ln in chunk_lines) == 2
         for ln in chunk_lines:
             assert "run_id=logs" in ln and "worker=worker-0" in ln, ln
             if "chunk done" in ln or "task failed" in ln:

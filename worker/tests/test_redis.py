@@ -6,6 +6,7 @@ import json
 import signal
 import time
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import spec, wait_for
 
@@ -141,20 +142,41 @@ def test_reconcile_reenqueues_lost_chunks_only(env):
     b.close()
 
 
-def test_dlq_replay_runs_the_chunk_again(env):
-    (first,) = env.fleet("replay", 1, TTG_POISON_PARAM="5")
+def test_a_point_that_raises_is_retried_then_stored_as_a_failure(env):
+    (first,) = env.fleet("pfail", 1, TTG_POISON_PARAM="5")
     r1 = env.ttg("sweep", "--runs-dir", str(env.tmp / "runs"), "--params", "30",
                  "--chunk-size", "10", "--work-ms", "0", "--task", "poison",
-                 "--max-attempts", "2", "--workers", "1", run_id="replay")
-    assert r1.returncode == 1
-    assert "1 dead-lettered" in r1.stdout
+                 "--max-attempts", "2", "--workers", "1", run_id="pfail")
+    assert r1.returncode == 1  # a failed point the run did not expect: not ok
+    assert "0 dead-lettered, 4 executions" in r1.stdout  # chunk 0 ran twice
+    assert "1 failed points" in r1.stdout
     assert first.wait(timeout=30) == 0
-    # the poison is gone now (e.g. a fixed task): replay and run again
+    failures = pq.read_table(env.tmp / "runs/pfail/failures.parquet").to_pylist()
+    assert [f["index"] for f in failures] == [5]
+    assert "poisoned parameter 5" in failures[0]["error"] and failures[0]["attempts"] == 2
+    rows = pq.read_table(env.tmp / "runs/pfail/results.parquet")
+    # one row per point: every point but the failed one, each once
+    assert sorted(rows.column("index").to_pylist()) == [i for i in range(30) if i != 5]
+
+
+def test_dlq_replay_runs_the_chunk_again(env):
+    b = env.make()
+    b.submit(spec("replay", params=30, chunk=10, task="crash", max_attempts=2))
+    extra = {"TTG_CRASH_PARAM": "5", "TTG_MIN_IDLE_MS": "200"}
+    for _ in range(5):  # a supervisor restarting the worker each time it dies
+        rc = env.worker("replay", 0, "--exit-when-done", **extra).wait(timeout=30)
+        if rc == 0:
+            break
+        assert rc == 137
+        time.sleep(0.25)
+    assert rc == 0 and [d.chunk for d in b.dead_letters("replay")] == [0]
+    # the crash is gone now (e.g. a fixed task): replay and run again
     out = env.ttg("dlq", "replay", run_id="replay")
     assert "replayed 1 chunk(s): [0]" in out.stdout
-    env.worker("replay", 0, "--exit-when-done", TTG_POISON_PARAM="-1").wait(timeout=30)
+    env.worker("replay", 0, "--exit-when-done", TTG_CRASH_PARAM="-1").wait(timeout=30)
     agg = json.loads(env.ttg("aggregate", "--json", run_id="replay").stdout)
     assert agg["chunks"] == 3 and agg["sum"] == reference_expected_sum(30)
+    b.close()
 
 
 def test_broker_killed_mid_run_loses_nothing(env):

@@ -376,8 +376,13 @@ def verdict(summary: dict) -> tuple[str, list[str]]:
     if summary.get("chunks_dead_lettered"):
         reasons.append(f"{summary['chunks_dead_lettered']} chunk(s) dead-lettered "
                        f"{summary.get('dead_lettered', [])[:20]}")
+    res = summary.get("results") or {}
+    failed, expected_failed = res.get("failed_points", 0), summary.get("expected_failed_points", [])
+    if failed != len(expected_failed):
+        reasons.append(f"{failed} point(s) failed, {len(expected_failed)} expected "
+                       f"(ttg results {summary.get('run_id')} --failures)")
     r = summary.get("result") or {}
-    if r.get("count") != summary.get("params"):
+    if r.get("count") != (summary.get("params") or 0) - len(expected_failed):
         reasons.append(f"count {r.get('count')} != params {summary.get('params')}")
     if "expected_sum" in summary and r.get("sum") != summary["expected_sum"]:
         reasons.append(f"sum {r.get('sum')} != expected {summary['expected_sum']}")
