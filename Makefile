@@ -172,11 +172,6 @@ k8s-down: setup ## Stop every process of the local control plane (PURGE=yes remo
 TEST_JOBS ?= 4## make test: how many of lint, pytest and the Molecule scenarios run at once
 PYTEST_WORKERS ?= 3## make test: pytest-xdist workers (the tests mostly wait on brokers and sleeps)
 MOLECULE_ROLES := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
-# local_k8s's scenario starts the real control plane: opt-in (TTG_K8S_TESTS=1) until it has
-# passed once against the real binaries (tests/k8s/test_local_k8s.py likewise).
-ifneq ($(TTG_K8S_TESTS),1)
-MOLECULE_ROLES := $(filter-out local_k8s,$(MOLECULE_ROLES))
-endif
 
 # make test: pytest first (the longest), lint and the Molecule scenarios beside it; each part's
 # output is shown whole when it ends (--output-sync), and any failure fails make test.
