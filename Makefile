@@ -169,7 +169,7 @@ k8s-down: setup ## Stop every process of the local control plane (PURGE=yes remo
 
 ##@ Test
 
-TEST_JOBS ?= 4## make test: how many of lint, pytest and the Molecule scenarios run at once
+TEST_JOBS ?= 2## make test: how many of lint, pytest and the Molecule scenarios run at once (pytest beside one other: 4 on 2 cores made timing-bound tests race)
 PYTEST_WORKERS ?= 3## make test: pytest-xdist workers (the tests mostly wait on brokers and sleeps)
 MOLECULE_ROLES := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.toolkit.helpers import ROOT
+from .helpers import ROOT
 
 
 def names(path: str) -> set[str]:

@@ -84,12 +84,15 @@ def test_verbose_gives_ansibles_full_output(platform: Platform) -> None:
 
 @pytest.mark.e2e
 def test_failed_run_says_what_failed_why_and_where_to_look(platform: Platform) -> None:
-    # the poison task raises for parameter 0: chunk 0 ends dead-lettered, the run is not ok
+    # the poison task raises for parameter 0: chunk 0 is retried, then stored with that
+    # point's error; a failed point the run did not expect: not ok
     rc, lines = make(platform, "demo", "TASK=poison", "PARAMS=200", "CHUNK=10", "WORK_MS=1")
     text = "\n".join(lines)
     assert rc != 0, text[-3000:]
-    tail = "\n".join(lines[-7:])
-    assert re.search(r"chunks: 19/20 done, 0 missing, 1 dead-lettered \[0\]", tail), text[-3000:]
+    tail = "\n".join(lines[-8:])
+    assert re.search(r"chunks: 20/20 done, 0 missing, 0 dead-lettered", tail), text[-3000:]
+    assert re.search(r"points: 1 failed, stored with their errors \(every one: .* --failures\)",
+                     tail), text[-3000:]
     assert re.search(r"error: 1 x .*poisoned parameter 0", tail), text[-3000:]
     assert "dlq list --backend redis" in tail
     assert f"worker logs: {platform.state_dir}/logs/worker-*.log" in tail

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,7 @@ class ResultsWriter:
         seen = _Bitmap(params)
         stats = _Stats()
         rows = failed = 0
+        errors: Counter[str] = Counter()
         res_tmp, fail_tmp = (self.run_dir / (n + ".tmp") for n in (RESULTS, FAILURES))
         with pq.ParquetWriter(res_tmp, res_schema) as rw, \
                 pq.ParquetWriter(fail_tmp, fail_schema) as fw:
@@ -127,6 +129,7 @@ class ResultsWriter:
                         stats.add(good[objective])
                 if bad.num_rows:
                     fw.write_table(bad)
+                    _count_errors(errors, bad["error"])
                 rows += good.num_rows
                 failed += bad.num_rows
         for tmp in (res_tmp, fail_tmp):
@@ -148,7 +151,22 @@ class ResultsWriter:
             "objective": objective,
             "stats": stats.result(),
             "unreadable_chunks": sorted(self.bad),
+            "top_errors": [{"error": e, "count": n} for e, n in errors.most_common(TOP_ERRORS)],
         }
+
+
+TOP_ERRORS = 5
+_MAX_DISTINCT_ERRORS = 10_000  # a message per point (with its values) must not grow without bound
+
+
+def _count_errors(errors: Counter[str], column: pa.ChunkedArray) -> None:
+    """Add the column's distinct error messages and their counts (pyarrow's value_counts)."""
+    for item in pc.value_counts(column).to_pylist():
+        key = item["values"]
+        if key in errors or len(errors) < _MAX_DISTINCT_ERRORS:
+            errors[key] += item["counts"]
+        else:
+            errors["(other errors)"] += item["counts"]
 
 
 def _read_schema(path: Path) -> pa.Schema:
