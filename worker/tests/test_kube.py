@@ -180,7 +180,10 @@ def test_kube_fault_loses_nothing(fault, queue_backend, tmp_path):
     kube = Kubelet(run_id, env.env(run_id, TTG_MIN_IDLE_MS="1000"), logs, replicas=3,
                    broker=env.broker)
     try:
-        spec = JobSpec(run_id, 2000, 20, "reference", 3.0, 3)
+        # the armed pod of kill-after-write must start (a Python process: a second or more
+        # on a busy machine) while chunks are left for it: a longer run for that fault
+        work_ms = 10.0 if fault == "kill-after-write" else 3.0
+        spec = JobSpec(run_id, 2000, 20, "reference", work_ms, 3)
         platform = KubePlatform(KubeApi(kube.url, token=TOKEN, namespace=NS), run_id,
                                 poll_s=0.05, wait_s=60)
         # the defaults' patience with a broker that is restarting (a RabbitMQ node boots in s)
@@ -240,7 +243,10 @@ def test_kube_fault_on_static_redoes_only_the_victims_range(fault, redis_server,
     kube = Kubelet(run_id, env.env(run_id), logs, replicas=3, broker=redis_server,
                    indexed=True)
     try:
-        spec = JobSpec(run_id, 2000, 20, "reference", 3.0, 3)
+        # the armed pod of kill-after-write must start (a Python process: a second or more
+        # on a busy machine) while chunks are left for it: a longer run for that fault
+        work_ms = 10.0 if fault == "kill-after-write" else 3.0
+        spec = JobSpec(run_id, 2000, 20, "reference", work_ms, 3)
         platform = KubePlatform(KubeApi(kube.url, token=TOKEN, namespace=NS), run_id,
                                 poll_s=0.05, wait_s=60)
         config = {"min_idle_ms": 1000, "connect_timeout_s": 10, "retry_budget_s": 60}
