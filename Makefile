@@ -181,7 +181,7 @@ test: dev ## Everything a contributor keeps green: lint, molecule, pytest (in pa
 
 .PHONY: pytest
 pytest: dev ## The pytest suite, PYTEST_WORKERS at once (what tests share: conftest.py)
-	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL pytest --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup -m "not lint and not molecule" worker/tests tests
+	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL pytest -rs --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup -m "not lint and not molecule" worker/tests tests
 
 FUZZ_EXAMPLES ?= 10000## fuzz: examples per parser property
 .PHONY: fuzz

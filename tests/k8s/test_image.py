@@ -10,6 +10,7 @@ touches the network (the pinned wheels are downloaded beforehand into the build 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,7 +25,9 @@ from .helpers import ROOT, run
 
 DEFAULT_BASE = "python:3.11.13-slim-bookworm"
 LOCAL_BASE = "ttg-base:bookworm-py311"
-TAG = "ttg-worker:test"
+# One tag per pytest-xdist worker: a worker removes its image when its tests are done, and
+# must never remove the one another worker's tests are still running.
+TAG = f"ttg-worker:test-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 # The seed's image was 186 MB; per-point results need pyarrow in the image (the in-cluster
 # controller writes results.parquet, workers encode their rows as Arrow IPC): about +150 MB.
 MAX_BYTES = 300 * 1000 * 1000

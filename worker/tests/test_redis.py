@@ -93,17 +93,23 @@ def test_restarted_worker_takes_back_its_own_pending_chunk(env):
     b.close()
 
 
+def restart_until_done(env, run_id: str, crash_param: int, tries: int) -> None:
+    """A supervisor: restart the one worker each time the crash task kills it (exit 137),
+    until it exits 0 (its chunk dead-lettered after the delivery limit, the rest done)."""
+    extra = {"TTG_CRASH_PARAM": str(crash_param), "TTG_MIN_IDLE_MS": "200"}
+    for _ in range(tries):
+        rc = env.worker(run_id, 0, "--exit-when-done", **extra).wait(timeout=30)
+        if rc == 0:
+            return
+        assert rc == 137
+        time.sleep(0.25)
+    raise AssertionError(f"the worker still crashed after {tries} starts")
+
+
 def test_chunk_that_kills_its_worker_is_dead_lettered_after_the_limit(env):
     b = env.make()
     b.submit(spec("crash", params=30, chunk=10, task="crash", max_attempts=3))
-    extra = {"TTG_CRASH_PARAM": "15", "TTG_MIN_IDLE_MS": "200"}
-    for _ in range(6):  # a supervisor restarting the worker each time it dies
-        rc = env.worker("crash", 0, "--exit-when-done", **extra).wait(timeout=30)
-        if rc == 0:
-            break
-        assert rc == 137
-        time.sleep(0.25)
-    assert rc == 0
+    restart_until_done(env, "crash", crash_param=15, tries=6)
     dead = b.dead_letters("crash")
     assert [d.chunk for d in dead] == [1]
     assert "lost its worker" in dead[0].reason
@@ -162,14 +168,8 @@ def test_a_point_that_raises_is_retried_then_stored_as_a_failure(env):
 def test_dlq_replay_runs_the_chunk_again(env):
     b = env.make()
     b.submit(spec("replay", params=30, chunk=10, task="crash", max_attempts=2))
-    extra = {"TTG_CRASH_PARAM": "5", "TTG_MIN_IDLE_MS": "200"}
-    for _ in range(5):  # a supervisor restarting the worker each time it dies
-        rc = env.worker("replay", 0, "--exit-when-done", **extra).wait(timeout=30)
-        if rc == 0:
-            break
-        assert rc == 137
-        time.sleep(0.25)
-    assert rc == 0 and [d.chunk for d in b.dead_letters("replay")] == [0]
+    restart_until_done(env, "replay", crash_param=5, tries=5)
+    assert [d.chunk for d in b.dead_letters("replay")] == [0]
     # the crash is gone now (e.g. a fixed task): replay and run again
     out = env.ttg("dlq", "replay", run_id="replay")
     assert "replayed 1 chunk(s): [0]" in out.stdout
