@@ -19,7 +19,7 @@ else ifneq ($(SCALE),)
 $(error SCALE must be small or medium, got '$(SCALE)')
 endif
 BACKEND ?= redis## redis | rabbitmq | static
-PLATFORM ?= local## local | kind | aks
+PLATFORM ?= local## local | kind | aks | k8s (any existing cluster: KUBECONFIG, K8S_CONTEXT; or the one of make k8s-up)
 PARAMS ?= 10000## parameters in the sweep
 CHUNK ?= 100## parameters per chunk
 WORKERS ?= 3## worker processes

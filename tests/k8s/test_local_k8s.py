@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -28,12 +29,33 @@ pytestmark = [pytest.mark.xdist_group("local_k8s")]
 BUILD = ROOT / "tools" / "k8s" / "build.sh"
 SCHEMAS = Path(__file__).parent / "schemas"
 PROGRAMS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
-VARIANTS = [
-    f"{p}/{b}{x}"
-    for p in PLATFORMS
-    for b in BACKENDS
-    for x in ("", "-extras", "-chaos")
-]
+NODE_PROGRAMS = ("containerd", "kubelet", "kube-proxy", "coredns", "volume-provisioner")
+# What a node needs on this machine (roles/local_k8s/tasks/node.yml checks the same).
+NODE_NEEDS = (
+    "/usr/bin/containerd",
+    "/usr/bin/ctr",
+    "/usr/sbin/runc",
+    "/usr/lib/cni/bridge",
+    "/usr/sbin/iptables",
+)
+
+
+def node_missing() -> str:
+    """Why this machine cannot run the local node ('' when it can)."""
+    if os.geteuid() != 0:
+        return "the local node needs root (containerd, network namespaces, iptables)"
+    missing = [p for p in NODE_NEEDS if not Path(p).exists()]
+    if missing:
+        return (
+            f"the local node needs {', '.join(missing)} "
+            "(apt-get install containerd runc containernetworking-plugins iptables)"
+        )
+    if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
+        return "the local node's images come from Docker, and no Docker daemon answers"
+    return ""
+
+
+VARIANTS = [f"{p}/{b}{x}" for p in PLATFORMS for b in BACKENDS for x in ("", "-extras", "-chaos")]
 # The CRDs of the optional extras, served from the subset schemas the offline tests use.
 CRDS = {
     "keda-scaledobject.json": ("keda.sh", "v1alpha1", "ScaledObject", "scaledobjects"),
@@ -65,15 +87,14 @@ def free_ports(n: int) -> list[int]:
 
 
 def paths() -> dict[str, str]:
-    out = subprocess.run(
-        [str(BUILD), "--paths"], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([str(BUILD), "--paths"], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
 class Cluster:
-    def __init__(self, state: Path, ports: list[int], bins: dict[str, str]) -> None:
+    def __init__(self, state: Path, ports: list[int], bins: dict[str, str], node: bool) -> None:
         self.state = state
+        self.node = node
         self.dir = state / "k8s"
         self.ports = ports
         self.version = bins["version"]
@@ -89,14 +110,13 @@ class Cluster:
             "controller_manager_port",
             "scheduler_port",
         )
-        extra = [f"-e ttg_state_dir={self.state}"] + [
-            f"-e local_k8s_{n}={p}" for n, p in zip(names, self.ports, strict=True)
-        ]
+        extra = [
+            f"-e ttg_state_dir={self.state}",
+            f"-e local_k8s_nodes={str(self.node).lower()}",
+        ] + [f"-e local_k8s_{n}={p}" for n, p in zip(names, self.ports, strict=True)]
         return "ANSIBLE_ARGS=" + " ".join(extra)
 
-    def make(
-        self, *target: str, timeout: float = 900
-    ) -> subprocess.CompletedProcess[str]:
+    def make(self, *target: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         return run(["make", *target, self.args()], timeout=timeout)
 
     def kubectl_run(
@@ -124,11 +144,14 @@ class Cluster:
             str(self.supervisor_conf),
         ]
         out = {"supervisord": int(subprocess.check_output([*ctl, "pid"], text=True))}
-        for p in PROGRAMS:
-            out[p] = int(
-                subprocess.check_output([*ctl, "pid", f"ttg-k8s:{p}"], text=True)
-            )
+        for p in PROGRAMS + (NODE_PROGRAMS if self.node else ()):
+            out[p] = int(subprocess.check_output([*ctl, "pid", f"ttg-k8s:{p}"], text=True))
         return out
+
+    def server(self) -> str:
+        """The API server's URL, from the admin kubeconfig (the node's address with a node)."""
+        config = json.loads(self.ok("config", "view", "-o", "json"))
+        return config["clusters"][0]["cluster"]["server"]
 
     def wait_for_default_serviceaccount(self, namespace: str) -> None:
         """The ServiceAccount admission plugin refuses pods until the controller manager has
@@ -136,9 +159,7 @@ class Cluster:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if (
-                self.kubectl_run(
-                    "-n", namespace, "get", "serviceaccount", "default"
-                ).returncode
+                self.kubectl_run("-n", namespace, "get", "serviceaccount", "default").returncode
                 == 0
             ):
                 return
@@ -156,7 +177,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         )
     built = run([str(BUILD)], timeout=4 * 3600)  # a no-op when cached
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    c = Cluster(tmp_path_factory.mktemp("k8s"), free_ports(5), bins)
+    c = Cluster(tmp_path_factory.mktemp("k8s"), free_ports(5), bins, not node_missing())
     up = c.make("k8s-up")
     try:
         assert up.returncode == 0, up.stdout[-6000:] + up.stderr[-3000:]
@@ -177,16 +198,12 @@ def test_server_reports_the_pinned_release(cluster: Cluster) -> None:
 
 def test_admin_is_master_and_rbac_refuses_others(cluster: Cluster) -> None:
     assert cluster.ok("auth", "can-i", "*", "*").strip() == "yes"
-    r = cluster.kubectl_run(
-        "auth", "can-i", "create", "pods", "--as=system:kube-scheduler"
-    )
+    r = cluster.kubectl_run("auth", "can-i", "create", "pods", "--as=system:kube-scheduler")
     assert r.stdout.strip() == "no", r.stdout + r.stderr
     # No anonymous access: the server refuses a client without a certificate.
     ctx = ssl.create_default_context(cafile=str(cluster.dir / "pki" / "ca.crt"))
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(
-            f"https://127.0.0.1:{cluster.ports[0]}/readyz", context=ctx, timeout=30
-        )
+        urllib.request.urlopen(f"{cluster.server()}/readyz", context=ctx, timeout=30)
     assert refused.value.code == 401
 
 
@@ -215,9 +232,7 @@ def _pod(name: str, namespace: str, compliant: bool) -> str:
 def test_pod_security_restricted_is_enforced(cluster: Cluster) -> None:
     ns = "ttg-pss-restricted"
     cluster.ok("create", "namespace", ns)
-    cluster.ok(
-        "label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted"
-    )
+    cluster.ok("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
     cluster.wait_for_default_serviceaccount(ns)
     refused = cluster.kubectl_run("create", "-f", "-", stdin=_pod("bad", ns, False))
     assert refused.returncode != 0, refused.stdout
@@ -236,9 +251,7 @@ def test_pod_security_restricted_is_enforced(cluster: Cluster) -> None:
     assert json.loads(accepted)["metadata"]["namespace"] == ns
     # The same violating pod is admitted where nothing is enforced: the refusal was PodSecurity's.
     cluster.wait_for_default_serviceaccount("default")
-    cluster.ok(
-        "create", "--dry-run=server", "-f", "-", stdin=_pod("bad", "default", False)
-    )
+    cluster.ok("create", "--dry-run=server", "-f", "-", stdin=_pod("bad", "default", False))
 
 
 def _structural(schema: dict) -> dict:
@@ -253,9 +266,7 @@ def _structural(schema: dict) -> dict:
             out.setdefault("type", "string")
         elif key == "properties":
             out[key] = {k: _structural(v) for k, v in value.items()}
-        elif key in ("items",) or (
-            key == "additionalProperties" and isinstance(value, dict)
-        ):
+        elif key in ("items",) or (key == "additionalProperties" and isinstance(value, dict)):
             out[key] = _structural(value)
         elif key == "additionalProperties":
             continue
@@ -269,17 +280,18 @@ def _structural(schema: dict) -> dict:
         out["items"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
     if "enum" in out and "type" not in out:  # a structural schema types every field
         kinds = {type(v) for v in out["enum"]}
-        out["type"] = {str: "string", int: "integer", bool: "boolean"}.get(kinds.pop(), "string") \
-            if len(kinds) == 1 else "string"
+        out["type"] = (
+            {str: "string", int: "integer", bool: "boolean"}.get(kinds.pop(), "string")
+            if len(kinds) == 1
+            else "string"
+        )
     return out
 
 
 def _crd(schema_file: str) -> dict:
     group, version, kind, plural = CRDS[schema_file]
     schema = json.loads((SCHEMAS / schema_file).read_text())
-    props = {
-        k: _structural(v) for k, v in schema["properties"].items() if k != "metadata"
-    }
+    props = {k: _structural(v) for k, v in schema["properties"].items() if k != "metadata"}
     props["metadata"] = {"type": "object"}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -298,9 +310,7 @@ def _crd(schema_file: str) -> dict:
                         "openAPIV3Schema": {
                             "type": "object",
                             "properties": props,
-                            "required": [
-                                r for r in schema.get("required", []) if r != "metadata"
-                            ],
+                            "required": [r for r in schema.get("required", []) if r != "metadata"],
                         }
                     },
                 }
@@ -342,11 +352,7 @@ def test_rendered_manifests_pass_a_server_side_dry_run(
     assert files and files[0].name == "00-namespace.yml", [f.name for f in files]
     # The namespace for real (a dry run of it would not make it exist for the rest).
     cluster.ok("apply", "-f", str(files[0]))
-    ns = [
-        doc["metadata"]["name"]
-        for doc in load_docs(files[0])
-        if doc["kind"] == "Namespace"
-    ]
+    ns = [doc["metadata"]["name"] for doc in load_docs(files[0]) if doc["kind"] == "Namespace"]
     for n in ns:
         cluster.wait_for_default_serviceaccount(n)
     args = ["apply", "--dry-run=server", "-o", "json"]
@@ -359,11 +365,137 @@ def test_rendered_manifests_pass_a_server_side_dry_run(
     out = json.loads(r.stdout)
     applied = out["items"] if out.get("kind") == "List" else [out]
     expected = sum(len(load_docs(f)) for f in files[1:])
-    assert len(applied) == expected, (
-        f"{len(applied)} of {expected} objects went through"
-    )
+    assert len(applied) == expected, f"{len(applied)} of {expected} objects went through"
     kinds = {o["kind"] for o in applied}
     assert {"Secret", "NetworkPolicy", "Job"} <= kinds, kinds
+
+
+BASE_IMAGE = "ttg-base:bookworm-py311"  # scripts/build-base-image.sh (debootstrap)
+LOAD_IMAGES = ROOT / "roles" / "local_k8s" / "files" / "load_images.sh"
+# A server that writes to its claim and serves it, a client that finds it by its Service's name
+# (CoreDNS, kube-proxy) and asks the API server for its version with its ServiceAccount token.
+CLIENT = """
+import ssl, time, urllib.request
+for _ in range(120):
+    try:
+        body = urllib.request.urlopen("http://echo/file", timeout=2).read().decode()
+        break
+    except OSError as exc:
+        time.sleep(1)
+print("served:", body.strip(), flush=True)
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+ctx = ssl.create_default_context(cafile=sa + "/ca.crt")
+req = urllib.request.Request("https://kubernetes.default.svc/version",
+                             headers={"Authorization": "Bearer " + open(sa + "/token").read()})
+version = urllib.request.urlopen(req, context=ctx, timeout=10).read().decode()
+print("api:", version.replace("\\n", " "), flush=True)
+"""
+
+
+def _restricted(name: str, command: list[str], **extra: object) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "c",
+                    "image": BASE_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": command,
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    **extra.pop("container", {}),  # type: ignore[dict-item]
+                }
+            ],
+            **extra,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def node(cluster: Cluster) -> Cluster:
+    if not cluster.node:
+        pytest.skip(node_missing())
+    image = subprocess.run(
+        ["docker", "image", "inspect", BASE_IMAGE], capture_output=True, check=False
+    )
+    if image.returncode != 0:
+        pytest.skip(f"no {BASE_IMAGE} image (scripts/build-base-image.sh builds it)")
+    socket_path = cluster.dir / "containerd" / "containerd.sock"
+    loaded = run([str(LOAD_IMAGES), str(socket_path), BASE_IMAGE], timeout=300)
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    return cluster
+
+
+def test_node_runs_restricted_pods_with_a_volume_dns_services_and_the_api(node: Cluster) -> None:
+    """The real kubelet, containerd and runc run pods the restricted profile admits; the
+    provisioner binds a claim; CoreDNS and kube-proxy take a pod to another by its Service's
+    name; a pod reaches the API server through the kubernetes Service."""
+    ns = "ttg-node-probe"
+    node.ok("create", "namespace", ns)
+    node.ok("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    node.wait_for_default_serviceaccount(ns)
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "echo"},
+        "spec": {"selector": {"app": "echo"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
+    server = _restricted(
+        "echo",
+        [
+            "sh",
+            "-c",
+            "echo persisted-$(hostname) > /data/file"
+            " && cd /data && exec python3 -m http.server 8080",
+        ],
+        container={
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+        },
+        volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
+    )
+    client = _restricted("client", ["python3", "-c", CLIENT], restartPolicy="Never")
+    items = {"apiVersion": "v1", "kind": "List", "items": [claim, service, server, client]}
+    node.ok("-n", ns, "apply", "-f", "-", stdin=json.dumps(items))
+    node.ok("-n", ns, "wait", "--for=condition=Ready", "pod/echo", "--timeout=120s")
+    node.ok(
+        "-n", ns, "wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/client", "--timeout=180s"
+    )
+    log = node.ok("-n", ns, "logs", "client")
+    assert "served: persisted-echo" in log, log
+    assert f'"gitVersion": "{node.version}"' in log, log
+    volume = node.ok("-n", ns, "get", "pvc", "data", "-o", "jsonpath={.spec.volumeName}")
+    path = json.loads(node.ok("get", "pv", volume, "-o", "json"))["spec"]["hostPath"]["path"]
+    assert Path(path, "file").read_text().strip() == "persisted-echo"
+    # Deleting the namespace releases the claim: the provisioner removes the volume and its data.
+    node.ok("delete", "namespace", ns, "--timeout=120s")
+    deadline = time.monotonic() + 60
+    while Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not Path(path).exists(), f"{path} is still there after its claim went"
+
+
+def test_second_k8s_up_changes_nothing(cluster: Cluster) -> None:
+    """`make k8s-up` on a running cluster (node included) is idempotent: no task changes."""
+    again = cluster.make("k8s-up")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert "changed)" not in again.stdout, again.stdout[-4000:]
 
 
 def test_down_leaves_no_process_of_the_cluster(cluster: Cluster) -> None:
@@ -380,9 +512,32 @@ def test_down_leaves_no_process_of_the_cluster(cluster: Cluster) -> None:
         alive = {n: p for n, p in before.items() if _running(p)}
         time.sleep(0.5)
     assert not alive, f"still running after make k8s-down: {alive}"
+    if cluster.node:  # nothing of the node is left on the machine
+        assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _pod_process(p, cluster)]
+        mounts = Path("/proc/self/mounts").read_text()
+        assert str(cluster.dir) + "/" not in mounts, mounts
+        assert (
+            subprocess.run(
+                ["ip", "link", "show", "dev", "ttg0"], capture_output=True, check=False
+            ).returncode
+            != 0
+        )
+        rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+        assert "KUBE-" not in rules and "ttg-k8s" not in rules, rules
+        assert not Path("/run/ttg-k8s-node.owner").exists()
     # The data stays without PURGE=yes: the CA and etcd's data dir are still there.
     assert (cluster.dir / "pki" / "ca.crt").exists()
     assert any((cluster.dir / "etcd").iterdir())
+
+
+def _pod_process(cmdline: Path, cluster: Cluster) -> bool:
+    """A containerd shim of the cluster's containerd, or a pod's pause process."""
+    try:
+        argv = cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return False
+    socket_path = str(cluster.dir / "containerd" / "containerd.sock").encode()
+    return socket_path in argv or argv[0] == b"/pause"
 
 
 def _running(pid: int) -> bool:

@@ -313,12 +313,29 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from ttg.image import stage
+    from ttg.image import fill_wheelhouse, stage
 
     tag = stage(args.worker_dir.resolve(), args.code.resolve() if args.code else None,
                 args.context, args.version)
+    if args.wheelhouse:
+        fill_wheelhouse(args.context)
     print(json.dumps({"tag": tag, "context": str(args.context.resolve())}))
     return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """The human summary of a finished run, from its summary.json (a run fetched from a
+    cluster, or one finished earlier); exit 0 only if the run is ok."""
+    from ttg.controller import human
+
+    run_dir = Path(args.run) if Path(args.run).is_dir() else args.runs_dir / args.run
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"no run summary at {path}: {exc}") from None
+    print(human(summary))
+    return 0 if summary.get("ok") else 1
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -417,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"chaos": cmd_chaos, "chaos-table": cmd_chaos_table, "work": cmd_work,
                    "sweep": cmd_sweep, "status": cmd_status, "wait": cmd_wait,
                    "aggregate": cmd_aggregate, "dlq": cmd_dlq, "results": cmd_results,
-                   "image": cmd_image}[args.cmd]
+                   "image": cmd_image, "show": cmd_show}[args.cmd]
         return handler(args)
     except TTGError as exc:
         print(f"ttg: error: {exc}", file=sys.stderr)

@@ -250,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--code", type=Path, default=env("TTG_CODE"))
     im.add_argument("--context", type=Path, required=True, help="directory to write it to")
     im.add_argument("--version", default="0.1.0")
+    im.add_argument("--wheelhouse", action="store_true",
+                    help="also download every wheel the build installs into the context, for a "
+                         "base image without pip and a build without an index")
+
+    sh = sub.add_parser("show", help="the human summary of a finished run (exit 1 if not ok)")
+    sh.add_argument("run", help="run id or run directory ('latest' for the latest run)")
+    sh.add_argument("--runs-dir", type=Path, default=Path(env("TTG_RUNS_DIR", "runs")))
 
     rs = sub.add_parser("results", help="export a finished run's per-point results")
     rs.add_argument("run", help="run id or run directory ('latest' for the latest run)")

@@ -10,7 +10,10 @@ unchanged one is not rebuilt.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from ttg.errors import ConfigError
@@ -57,3 +60,29 @@ def stage(worker_dir: Path, code_dir: Path | None, dest: Path, version: str) -> 
         shutil.copytree(code_dir, dest / "code",
                         ignore=shutil.ignore_patterns(*(IGNORED_DIRS - {"tests"}), "*.pyc"))
     return tag
+
+
+def dockerfile_pins(dockerfile: Path) -> list[str]:
+    """Every `name==version` the Dockerfile installs (markers left out: the image's Python,
+    not this one, decides which apply)."""
+    return re.findall(r'\b([A-Za-z0-9_.-]+==[0-9][^\s;\\"]*)', dockerfile.read_text())
+
+
+def fill_wheelhouse(context: Path, python: str = sys.executable) -> Path:
+    """Download into `context/wheelhouse` what the Dockerfile installs, pip and setuptools, and
+    the code's requirements, as binary wheels: the build then needs no index and no pip in the
+    base image (scripts/build-base-image.sh's Debian root). pip's cache makes a rerun cheap."""
+    wheels = context / "wheelhouse"
+    wheels.mkdir(exist_ok=True)
+    download = [python, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                "--only-binary=:all:", "--dest", str(wheels)]
+    pins = dockerfile_pins(context / "Dockerfile")
+    steps = [[*download, "--no-deps", "pip", "setuptools", *pins]]
+    requirements = context / "code" / "requirements.txt"
+    if requirements.is_file():
+        steps.append([*download, "--requirement", str(requirements)])
+    for argv in steps:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise ConfigError(f"cannot download the image's wheels: {done.stderr.strip()[-800:]}")
+    return wheels
