@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from .helpers import BACKENDS, CRD_KINDS, PLATFORMS, ROOT, load_docs, run
@@ -489,6 +490,89 @@ def test_node_runs_restricted_pods_with_a_volume_dns_services_and_the_api(node: 
     while Path(path).exists() and time.monotonic() < deadline:
         time.sleep(1)
     assert not Path(path).exists(), f"{path} is still there after its claim went"
+
+
+DEMO_PARAMS = 3000
+
+
+@pytest.fixture(scope="module")
+def demo_env(node: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What `make demo PLATFORM=k8s` is given here: the module's cluster by KUBECONFIG (as a
+    user of any cluster gives theirs), its state dir and a runs dir of the module's own."""
+    runs = tmp_path_factory.mktemp("k8s-runs")
+    return {
+        "KUBECONFIG": node.kubeconfig,
+        "ANSIBLE_ARGS": f"-e ttg_state_dir={node.state} -e ttg_runs_dir={runs}",
+        "runs": str(runs),
+    }
+
+
+@pytest.mark.parametrize("backend", ["redis", "rabbitmq", "static"])
+def test_make_demo_runs_on_the_local_cluster_to_the_exact_sum(
+    node: Cluster, demo_env: dict[str, str], backend: str
+) -> None:
+    """`make demo PLATFORM=k8s`: images built and loaded into the node, the broker a
+    StatefulSet on a provisioned volume, the fleet, the in-cluster sweep Job, and the run
+    directory copied back, every point's result in it once."""
+    run_id = f"k8s-demo-{backend}"
+    r = run(
+        [
+            "make",
+            "demo",
+            "PLATFORM=k8s",
+            f"BACKEND={backend}",
+            f"PARAMS={DEMO_PARAMS}",
+            "CHUNK=100",
+            "WORKERS=2",
+            f"RUN_ID={run_id}",
+            f"ANSIBLE_ARGS={demo_env['ANSIBLE_ARGS']}",
+        ],
+        timeout=1200,
+        KUBECONFIG=demo_env["KUBECONFIG"],
+    )
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert f"target: {node.server()}" in r.stdout, r.stdout[-3000:]
+    run_dir = Path(demo_env["runs"]) / run_id
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ok"] and summary["platform"] == "k8s" and summary["backend"] == backend
+    assert summary["chunks_done"] == summary["chunks_total"] == DEMO_PARAMS // 100
+    assert summary["result"]["count"] == DEMO_PARAMS
+    assert "verdict  OK" in r.stdout, r.stdout[-3000:]
+    table = pq.read_table(run_dir / "results.parquet")
+    indices = table.column("index").to_pylist()
+    assert sorted(indices) == list(range(DEMO_PARAMS)), "one row per point, none missing"
+    assert summary["results"]["path"] == str(run_dir / "results.parquet")
+    # The broker's data is on a volume the provisioner made for its claim.
+    broker = "rabbitmq" if backend == "rabbitmq" else "redis"
+    volume = node.ok(
+        "-n", "ttg", "get", "pvc", f"data-ttg-{broker}-0", "-o", "jsonpath={.spec.volumeName}"
+    )
+    assert volume.startswith("pvc-"), volume
+
+
+def test_make_clean_leaves_no_pod_or_job_and_purge_no_claim(
+    node: Cluster, demo_env: dict[str, str]
+) -> None:
+    """`make clean PLATFORM=k8s`: the project's objects go with their dependents (a Job's pods
+    too); the brokers' claims stay unless purged, and a purge leaves no claim and no volume."""
+    argv = ["make", "clean", "PLATFORM=k8s", "CONFIRM=yes"]
+    env = {"KUBECONFIG": demo_env["KUBECONFIG"]}
+    r = run([*argv, f"ANSIBLE_ARGS={demo_env['ANSIBLE_ARGS']}"], timeout=900, **env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    left = json.loads(node.ok("-n", "ttg", "get", "pods,jobs", "-o", "json"))["items"]
+    assert not left, [f"{o['kind']} {o['metadata']['name']}" for o in left]
+    claims = json.loads(node.ok("-n", "ttg", "get", "pvc", "-o", "json"))["items"]
+    assert claims, "the brokers' data is kept without purge"
+    purge = f"ANSIBLE_ARGS={demo_env['ANSIBLE_ARGS']} --tags purge"
+    r = run([*argv, purge], timeout=900, **env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert node.kubectl_run("get", "namespace", "ttg").returncode != 0
+    deadline = time.monotonic() + 60
+    volumes: list = ["?"]
+    while volumes and time.monotonic() < deadline:
+        volumes = json.loads(node.ok("get", "pv", "-o", "json"))["items"]
+        time.sleep(1)
+    assert not volumes, [v["metadata"]["name"] for v in volumes]
 
 
 def test_second_k8s_up_changes_nothing(cluster: Cluster) -> None:
