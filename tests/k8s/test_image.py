@@ -14,12 +14,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ttg import image as ttg_image
 
 from .helpers import ROOT, run
 
@@ -60,8 +60,7 @@ def _has(image: str) -> bool:
 
 
 def dockerfile_pins() -> list[str]:
-    text = (ROOT / "worker" / "Dockerfile").read_text()
-    return re.findall(r"\b([A-Za-z0-9_.-]+==[0-9][^\s;\\]*)", text)
+    return ttg_image.dockerfile_pins(ROOT / "worker" / "Dockerfile")
 
 
 @pytest.fixture(scope="module")
@@ -85,24 +84,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (ctx / "code").mkdir()
     (ctx / "code" / "tinysim.py").write_text(
         "def run(p):\n    return {'double': 2.0 * p, 'odd': p % 2 == 1}\n")
-    dl = run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--only-binary=:all:",
-            "-d",
-            str(ctx / "wheelhouse"),
-            "pip",
-            "setuptools",
-            *dockerfile_pins(),
-        ],
-        timeout=600,
-    )
-    assert dl.returncode == 0, dl.stdout + dl.stderr
+    # what `ttg image --wheelhouse` puts in a context: the Dockerfile's pins, pip, setuptools
+    ttg_image.fill_wheelhouse(ctx)
     built = docker(
         "build",
         "--network",
