@@ -376,12 +376,13 @@ class Chaos:
         """Seconds from `since` to the first reclaim of one of `chunks` (any if unknown)."""
         assert self.b is not None
         while time.monotonic() < self.deadline:
+            done = self.finished()  # before the scan: a reclaim recorded by then is seen
             for e in self.b.events(self.spec.run_id):
                 if e.get("kind") != "reclaimed" or float(e["ts"]) < since:
                     continue
                 if not chunks or e.get("chunk") in chunks:
                     return round(float(e["ts"]) - since, 3)
-            if self.finished():
+            if done:
                 return None
             time.sleep(0.05)
         return None
@@ -418,7 +419,13 @@ class Chaos:
         frac = self.fraction(self.progress()) or frac
         rec = self.record("worker-kill", victim, t, frac, held=held)
         # held [] = it held nothing at death: nothing had to be recovered
-        rec["recovered_s"] = 0.0 if held == [] else self.await_reclaim(t, held or [])
+        recovered = 0.0 if held == [] else self.await_reclaim(t, held or [])
+        if recovered is None and held is None and self.finished():
+            # the backend cannot tell what a dead consumer held (RabbitMQ), and the run
+            # ended with no chunk redelivered since the kill: it held none
+            recovered = 0.0
+            rec["held"] = []
+        rec["recovered_s"] = recovered
         return rec
 
     def fault_worker_kill(self) -> list[dict]:

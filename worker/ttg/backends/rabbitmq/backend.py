@@ -68,6 +68,7 @@ class RabbitMQBackend(Backend):
         self.params = self._parameters()
         self.tiers_ms = _tiers_from(config.options)
         self._conn: BlockingConnection | None = None
+        self._connected_once = False  # these credentials have been accepted by the broker
         self._ch: BlockingChannel | None = None
         self._pconf: _Confirms | None = None
         self._ledgers: dict[str, _Ledger] = {}
@@ -119,19 +120,27 @@ class RabbitMQBackend(Backend):
             f"{self.params.virtual_host!r} (wrong password or no permission)")
 
     def connect(self, budget_s: float | None = None) -> BlockingConnection:
-        """A new connection; bounded retries while the broker is not up."""
+        """A new connection; bounded retries while the broker is not up: for budget_s, or
+        connect_timeout_s for a first connection (a broker that is not there at all). A
+        reconnect after a lost connection passes the retry budget (retry_budget_s)."""
         budget = self.config.connect_timeout_s if budget_s is None else budget_s
         deadline = time.monotonic() + budget
         delay = 0.1
         while True:
             try:
-                return BlockingConnection(self.params)
+                conn = BlockingConnection(self.params)
+                self._connected_once = True
+                return conn
             except Exception as exc:  # noqa: BLE001 - classified below
-                if _is_auth(exc):
-                    raise self.auth_error(exc) from None
-                if not isinstance(exc, RETRYABLE):
-                    raise
                 remaining = deadline - time.monotonic()
+                if _is_auth(exc):
+                    # refused credentials that worked before: a node that has just restarted
+                    # opens its listener before its vhosts run ("vhost ... is not running");
+                    # transient within the budget, an auth error after it or on a first try
+                    if not self._connected_once or remaining <= 0:
+                        raise self.auth_error(exc) from None
+                elif not isinstance(exc, RETRYABLE):
+                    raise
                 if remaining <= 0:
                     raise BrokerUnavailable(
                         f"rabbitmq at {_redacted(self.config.url)} unreachable after "
@@ -141,9 +150,11 @@ class RabbitMQBackend(Backend):
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 2.0)
 
-    def _channel(self) -> BlockingChannel:
+    def _channel(self, budget_s: float | None = None) -> BlockingChannel:
+        """The controller-side channel, (re)connecting within budget_s (connect_timeout_s
+        by default)."""
         if self._conn is None or not self._conn.is_open:
-            self._conn = self.connect()
+            self._conn = self.connect(budget_s)
             self._ch = None
         if self._ch is None or not self._ch.is_open:
             self._ch = self._conn.channel()
@@ -175,7 +186,9 @@ class RabbitMQBackend(Backend):
         delay = 0.1
         while True:
             try:
-                return fn(self._channel())
+                # a reconnect may use what is left of the budget: a broker that restarts
+                # takes longer than connect_timeout_s to boot on a busy machine
+                return fn(self._channel(max(0.1, deadline - time.monotonic())))
             except (pex.NackError, pex.UnroutableError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise PublishRejected(f"{what}: the broker refused the publish: {exc}") \
@@ -262,7 +275,7 @@ class RabbitMQBackend(Backend):
         """
         mark = uuid.uuid4().hex
         self._ctl(lambda ch: self._publish(ch, q, b"", {MARK: mark}), f"mark {q}")
-        conn = self.connect()
+        conn = self.connect(self.config.retry_budget_s)
         try:
             ch = conn.channel()
             ch.basic_qos(prefetch_count=2000)
@@ -831,7 +844,7 @@ class RabbitMQBackend(Backend):
         """Records of stream `q` from the first, blocking for new ones (never ends)."""
         pos: int | str = "first"
         while True:
-            conn = self.connect()  # bounded by connect_timeout_s
+            conn = self.connect(self.config.retry_budget_s)
             try:
                 ch = conn.channel()
                 ch.basic_qos(prefetch_count=100)

@@ -428,7 +428,7 @@ class _Tail:
             _discard(conn)
 
     def _open(self, start: int | str) -> None:
-        self.conn = self.owner.connect()
+        self.conn = self.owner.connect(self.owner.config.retry_budget_s)
         ch = self.conn.channel()
         ch.basic_qos(prefetch_count=2000)
 
