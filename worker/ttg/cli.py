@@ -137,7 +137,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
 def chaos_platform(args: argparse.Namespace, run_id: str) -> Platform:
     """The platform a fault is injected on: supervisord's processes (local) or the run's pods
-    through the Kubernetes API (kind, aks: `ttg chaos` runs in-cluster as a Job)."""
+    through the Kubernetes API (kind, aks, k8s: `ttg chaos` runs in-cluster as a Job)."""
     from ttg.chaos import KubePlatform, LocalPlatform
 
     if args.platform == "local":
@@ -148,11 +148,12 @@ def chaos_platform(args: argparse.Namespace, run_id: str) -> Platform:
             "ttg-rabbitmq" if args.backend == "rabbitmq" else "ttg-redis")
         return LocalPlatform(args.supervisorctl, args.supervisor_config, args.fleet_program,
                              broker)
-    if args.platform in ("kind", "aks"):
+    if args.platform in ("kind", "aks", "k8s"):
         from ttg.kube import KubeApi
 
         return KubePlatform(KubeApi.in_cluster(args.namespace), run_id)
-    raise ConfigError(f"unknown platform {args.platform!r}: valid platforms are local, kind, aks")
+    raise ConfigError(
+        f"unknown platform {args.platform!r}: valid platforms are local, kind, aks, k8s")
 
 
 def finish_run(args: argparse.Namespace, summary: dict) -> int:
