@@ -18,7 +18,7 @@ import pytest
 from kubeapi import NS, TOKEN, FakeApi
 from kubeapi import pod as _pod
 
-from ttg.chaos import KubePlatform
+from ttg.chaos_platforms import KubePlatform
 from ttg.cli import main
 from ttg.errors import ConfigError
 from ttg.kube import KubeApi, KubeError

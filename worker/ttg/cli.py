@@ -17,7 +17,7 @@ from pathlib import Path
 from ttg import log as tlog
 from ttg.backends import BACKENDS, get_backend
 from ttg.backends.base import Backend, BrokerConfig
-from ttg.chaos import Platform
+from ttg.chaos_platforms import Platform
 from ttg.cli_parser import DEFAULT_URLS, build_parser
 from ttg.errors import ConfigError, TTGError
 from ttg.sweep import JobSpec, check_run_id, new_run_id
@@ -138,7 +138,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 def chaos_platform(args: argparse.Namespace, run_id: str) -> Platform:
     """The platform a fault is injected on: supervisord's processes (local) or the run's pods
     through the Kubernetes API (kind, aks, k8s: `ttg chaos` runs in-cluster as a Job)."""
-    from ttg.chaos import KubePlatform, LocalPlatform
+    from ttg.chaos_platforms import KubePlatform, LocalPlatform
 
     if args.platform == "local":
         if not args.supervisor_config:
