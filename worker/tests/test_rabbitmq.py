@@ -301,25 +301,24 @@ class _Props:
 
 
 def test_confirm_tracking_multiple_nack_and_return() -> None:
-    """`_Confirms` settles publishes by sequence number: single and `multiple` acks, nacks,
+    """`Confirms` settles publishes by sequence number: single and `multiple` acks, nacks,
     and a returned (unroutable) publish that the broker then acks counts as refused."""
-    from ttg.backends.rabbitmq import _Batch, _Confirms
+    from ttg.backends.rabbitmq import Batch, Confirms
 
-    conf = _Confirms.__new__(_Confirms)  # no channel: feed it the broker's answers
-    conf.seq, conf.unconfirmed = 0, {}
+    conf = Confirms()  # no channel: feed it the broker's answers
     got: list[list[int]] = []
-    batch = _Batch(got.append)
+    batch = Batch(got.append)
     for i in range(6):
         conf.seq += 1
         conf.unconfirmed[conf.seq] = [batch, i, False]
         batch.remaining += 1
     batch.seal()
-    conf._on_confirm(_Frame(pika.spec.Basic.Ack(delivery_tag=2, multiple=True)))  # 1, 2
-    conf._on_confirm(_Frame(pika.spec.Basic.Nack(delivery_tag=3, multiple=False)))  # 3
-    conf._on_return(None, None, _Props("5"), b"")  # 5 unroutable...
-    conf._on_confirm(_Frame(pika.spec.Basic.Ack(delivery_tag=5, multiple=True)))  # ...4, 5
+    conf.on_confirm(_Frame(pika.spec.Basic.Ack(delivery_tag=2, multiple=True)))  # 1, 2
+    conf.on_confirm(_Frame(pika.spec.Basic.Nack(delivery_tag=3, multiple=False)))  # 3
+    conf.on_return(None, None, _Props("5"), b"")  # 5 unroutable...
+    conf.on_confirm(_Frame(pika.spec.Basic.Ack(delivery_tag=5, multiple=True)))  # ...4, 5
     assert got == []  # publish 6 is not settled yet: nothing decided
-    conf._on_confirm(_Frame(pika.spec.Basic.Ack(delivery_tag=6, multiple=False)))
+    conf.on_confirm(_Frame(pika.spec.Basic.Ack(delivery_tag=6, multiple=False)))
     assert got == [[2, 4]] and conf.unconfirmed == {}  # indices of publishes 3 and 5
 
 

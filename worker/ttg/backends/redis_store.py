@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import redis
 import redis.exceptions as rex
 
+from ttg.backends.backoff import Backoff
 from ttg.backends.base import Backend, BrokerConfig, DeadLetter, Progress
 from ttg.errors import BrokerAuthError, BrokerUnavailable, JobMismatch
 from ttg.partial import Partial, decode_result
@@ -190,8 +191,7 @@ class RedisStore(Backend):
     def retrying(self, fn: Callable[[], T], budget_s: float | None = None) -> T:
         """Run `fn`, retrying connection errors with backoff for at most `budget_s`."""
         budget = self.config.retry_budget_s if budget_s is None else budget_s
-        deadline = time.monotonic() + budget
-        delay = 0.1
+        backoff = Backoff(budget)
         while True:
             try:
                 return fn()
@@ -200,14 +200,12 @@ class RedisStore(Backend):
                     raise BrokerAuthError(
                         f"redis at {_redacted(self.config.url)} refused the password"
                     ) from exc
-                if time.monotonic() + delay > deadline or self.stop_requested():
+                log.warning("broker unavailable, retrying in %.1fs: %s", backoff.delay, exc)
+                if self.stop_requested() or not backoff.wait():
                     raise BrokerUnavailable(
                         f"redis at {_redacted(self.config.url)} unreachable after "
                         f"{budget:.0f}s: {exc}"
                     ) from exc
-                log.warning("broker unavailable, retrying in %.1fs: %s", delay, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
             except rex.ResponseError as exc:
                 if _is_auth_error(exc):
                     raise BrokerAuthError(

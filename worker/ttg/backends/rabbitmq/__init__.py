@@ -2,7 +2,7 @@
 
 Topology of a run RUN (vhost from the URL, default exchange "" everywhere, so every publish
 is addressed to a queue by name and `mandatory`, and every publish is confirmed; confirms are
-tracked by sequence number (`_Confirms`), so publishes are pipelined, not one round trip each):
+tracked by sequence number (`Confirms`), so publishes are pipelined, not one round trip each):
 
     ttg.RUN.meta       stream   the job: a `spec` record (JobSpec + retry tiers + delivery
                                 limit + submitted_at), then `enqueued` once every chunk is in.
@@ -34,12 +34,12 @@ tracked by sequence number (`_Confirms`), so publishes are pipelined, not one ro
     ttg.RUN.presence   classic  never published to; each worker consumes it, so its consumer
                                 count is the number of live workers.
 
-Worker: the pika connection lives on its own I/O thread (heartbeats keep flowing during a long
-chunk); deliveries reach the main thread through a queue.Queue; operations go back with
-`add_callback_threadsafe`. Results of consecutive chunks are batched (`_Out`): a batch is
+Worker: the connection lives on its own thread (`WorkerLink`: heartbeats keep flowing during a
+long chunk); deliveries reach the main thread through a queue.Queue; operations go back with
+`add_callback_threadsafe`. Results of consecutive chunks are batched (`Out`): a batch is
 published as one stream record when it holds `batch_size()` results (about 20 ms of work), when
 the worker has nothing else in hand, or 20 ms after its first result (so a result never waits
-behind a long chunk); the I/O thread acks the batch's deliveries (one `multiple` ack when they
+behind a long chunk); the link's thread acks the batch's deliveries (one `multiple` ack when they
 are the oldest) only once that record is confirmed. The main thread does not wait for it while
 it has work; a refused or lost batch is published again (PublishRejected / BrokerUnavailable
 past the retry budget), its chunks unacked until then. Prefetch: the configured one, or
@@ -65,13 +65,22 @@ Retry tiers come from `options["retry_tiers_ms"]` or TTG_RABBITMQ_RETRY_TIERS_MS
 dead nor ready in tasks/retry queues, counted as in flight while any worker is connected
 (unacked messages only exist on a live connection); 0 when no worker is connected.
 
-Layout of this package: `messages` (names, topology, message formats, no I/O),
-`connection` (publish batches, confirms, the I/O thread, the stream tail), `backend` (the
-Backend implementation).
+Layout of this package (pika's public API only: the blocking adapter on the controller's
+thread, the asynchronous `SelectConnection` on a thread of its own where confirms are
+pipelined):
+    messages     names, topology, message formats, task-body parsing (no I/O)
+    link         `Link`: a connection on its own thread, publisher confirms (`Confirms`)
+    consumer     `WorkerLink`: the worker's link (consume, prefetch, acks, result batches)
+    streams      `_Tail`: the controller's long-lived reader of the results stream
+    backend      `RabbitMQBackend`: what both sides share (connections, retries, streams)
+    control      the controller side: submit, ledger, events, progress, rows
+    deadletters  the dead-letter queue: read and replay
+    work         the worker side: next delivery, complete, fail, hand back
+    management   the broker's memory, from the management API (for `make bench`)
 """
 
 from ttg.backends.rabbitmq.backend import RabbitMQBackend
-from ttg.backends.rabbitmq.connection import _Batch, _Confirms
+from ttg.backends.rabbitmq.link import Batch, Confirms
 from ttg.backends.rabbitmq.messages import (
     MalformedBody,
     Names,
@@ -83,13 +92,13 @@ from ttg.backends.rabbitmq.messages import (
 )
 
 __all__ = [
+    "Batch",
+    "Confirms",
     "MalformedBody",
     "Names",
     "PublishRejected",
     "RabbitMQBackend",
     "Topology",
-    "_Batch",
-    "_Confirms",
     "_event",
     "_header_int",
     "parse_task_body",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -230,23 +229,3 @@ def _header_int(headers: dict, key: str) -> int:
         return int(headers.get(key) or 0)
     except (TypeError, ValueError):
         return 0
-
-
-def _table(headers: dict) -> bytes | None:
-    """An AMQP field table of str/int values (S, l), or None for anything else."""
-    parts = []
-    for k, v in headers.items():
-        kb = k.encode()
-        if len(kb) > 255 or isinstance(v, bool):
-            return None
-        if isinstance(v, int) and -2**63 <= v < 2**63:
-            parts.append(bytes([len(kb)]) + kb + b"l" + struct.pack(">q", v))
-        elif isinstance(v, str):
-            vb = v.encode()
-            parts.append(bytes([len(kb)]) + kb + b"S" + struct.pack(">I", len(vb)) + vb)
-        else:
-            return None
-    t = b"".join(parts)
-    return struct.pack(">I", len(t)) + t
-
-
