@@ -228,9 +228,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     run_id = need_run_id(args)
     backend = connect(args)
-    spec = backend.load_spec(run_id)
-    if spec is None:
-        raise ConfigError(f"run {run_id} has not been submitted")
+    spec = backend.submitted_spec(run_id)
     reporter = Reporter(spec.params, spec.chunk_size, stream=None if args.watch else sys.stdout,
                         live=None if args.watch else False)
     while True:
@@ -251,9 +249,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
     run_id = need_run_id(args)
     backend = connect(args)
-    spec = backend.load_spec(run_id)
-    if spec is None:
-        raise ConfigError(f"run {run_id} has not been submitted")
+    spec = backend.submitted_spec(run_id)
     if args.metrics_port:
         from ttg import metrics
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ttg.errors import ConfigError
 from ttg.partial import Partial
 from ttg.sweep import JobSpec
 
@@ -140,6 +141,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load_spec(self, run_id: str) -> JobSpec | None:
         """The submitted job, or None."""
+
+    def submitted_spec(self, run_id: str) -> JobSpec:
+        """The submitted job; a ConfigError naming the run if there is none."""
+        spec = self.load_spec(run_id)
+        if spec is None:
+            raise ConfigError(f"run {run_id} has not been submitted")
+        return spec
 
     @abc.abstractmethod
     def progress(self, run_id: str) -> Progress:

@@ -25,7 +25,6 @@ import redis.exceptions as rex
 from ttg import metrics
 from ttg.backends.base import BrokerConfig, Delivery, Progress
 from ttg.backends.redis_store import GROUP, Keys, RedisStore
-from ttg.errors import ConfigError
 from ttg.partial import Partial, encode_result
 from ttg.sweep import JobSpec, strict_int
 
@@ -198,9 +197,7 @@ class RedisStreamsBackend(RedisStore):
         return present, pending
 
     def progress(self, run_id: str) -> Progress:
-        spec = self.load_spec(run_id)
-        if spec is None:
-            raise ConfigError(f"run {run_id} has not been submitted")
+        spec = self.submitted_spec(run_id)
         p = self.base_progress(run_id, spec)
         k = Keys(run_id)
         try:
@@ -212,9 +209,7 @@ class RedisStreamsBackend(RedisStore):
         return p
 
     def reconcile(self, run_id: str) -> list[int]:
-        spec = self.load_spec(run_id)
-        if spec is None:
-            raise ConfigError(f"run {run_id} has not been submitted")
+        spec = self.submitted_spec(run_id)
         k = Keys(run_id)
         self._ensure_group(k)
         # Stream first, then results: a chunk finishing in between is seen in the stream,
@@ -233,9 +228,7 @@ class RedisStreamsBackend(RedisStore):
         return missing
 
     def replay_dead(self, run_id: str, chunks: list[int] | None = None) -> list[int]:
-        spec = self.load_spec(run_id)
-        if spec is None:
-            raise ConfigError(f"run {run_id} has not been submitted")
+        spec = self.submitted_spec(run_id)
         k = Keys(run_id)
         replayed = []
         for entry_id, f in self.r.xrange(k.dlq):

@@ -45,9 +45,7 @@ class StaticBackend(RedisStore):
         return True
 
     def progress(self, run_id: str) -> Progress:
-        spec = self.load_spec(run_id)
-        if spec is None:
-            raise ConfigError(f"run {run_id} has not been submitted")
+        spec = self.submitted_spec(run_id)
         p = self.base_progress(run_id, spec)
         p.in_flight = min(p.workers_alive, spec.chunks_total - p.done - p.dead)
         p.queued = max(spec.chunks_total - p.done - p.dead - p.in_flight, 0)

@@ -37,7 +37,7 @@ from ttg.backends.rabbitmq.messages import (
     _Lost,
 )
 from ttg.backends.rabbitmq.streams import _Tail
-from ttg.errors import BrokerUnavailable, ConfigError, JobMismatch
+from ttg.errors import BrokerUnavailable, JobMismatch
 from ttg.partial import Partial, decode_result
 from ttg.sweep import JobSpec
 
@@ -287,9 +287,7 @@ class ControllerSide:
         return total
 
     def progress(self, run_id: str) -> Progress:
-        spec = self.load_spec(run_id)
-        if spec is None:
-            raise ConfigError(f"run {run_id} has not been submitted")
+        spec = self.submitted_spec(run_id)
         n = Names(run_id)
         led = self._ledger(run_id)
         dead = {d.chunk for d in self._dead_cached(run_id)} - led.done
@@ -315,9 +313,7 @@ class ControllerSide:
         """Re-enqueue every chunk neither done nor dead, but only when nothing is ready in
         the work and retry queues: a quorum queue cannot be listed, so "queued" is only
         known to be empty then. In-flight chunks may be duplicated (first write wins)."""
-        spec = self.load_spec(run_id)
-        if spec is None:
-            raise ConfigError(f"run {run_id} has not been submitted")
+        spec = self.submitted_spec(run_id)
         if self._ready(run_id) > 0:
             return []
         missing = self._not_done_nor_dead(spec)

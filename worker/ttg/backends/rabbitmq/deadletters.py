@@ -18,7 +18,6 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from ttg.backends.base import DeadLetter
 from ttg.backends.rabbitmq.messages import Names, _event, _int_or
-from ttg.errors import ConfigError
 
 
 class DeadLetterSide:
@@ -111,9 +110,7 @@ class DeadLetterSide:
         return cached[1]
 
     def replay_dead(self, run_id: str, chunks: list[int] | None = None) -> list[int]:
-        spec = self.load_spec(run_id)
-        if spec is None:
-            raise ConfigError(f"run {run_id} has not been submitted")
+        spec = self.submitted_spec(run_id)
         n = Names(run_id)
         replayed: list[int] = []
 
