@@ -199,3 +199,39 @@ def test_chaos_table_says_what_it_does_not_know():
     assert rows["redis"][4:6] == ["1", "1"]  # one chunk interrupted, one redundant execution
     assert rows["rabbitmq"][4] == "?"  # the broker does not say what a consumer held
     assert rows["static"][6:8] == ["SUM", "WRONG"] and rows["static"][-1] == "NO"
+
+
+def test_the_retry_policy_is_the_same_for_every_backend():
+    """One place decides: the last attempt is dead-lettered, not retried; a chunk that has
+    lost its worker is charged for it, and dead-lettered with the count and its last error
+    once attempts plus losses pass max_attempts."""
+    from ttg.backends import policy
+
+    spec = JobSpec("r", 100, 10, max_attempts=3)
+    assert [policy.exhausted(spec, a) for a in (1, 2, 3)] == [False, False, True]
+    assert policy.lost_too_often(spec, 1, 2) is None  # its third execution may run
+    assert policy.lost_too_often(spec, 1, 3) == (
+        "delivery limit: the chunk lost its worker 3 time(s)")
+    assert policy.lost_too_often(spec, 2, 2, "ValueError: x") == (
+        "delivery limit: the chunk lost its worker 2 time(s); last error: ValueError: x")
+
+
+def test_backoff_doubles_to_its_cap_and_spends_exactly_its_budget():
+    """Delays double from 0.1 s up to the cap; the last one is cut to what is left of the
+    budget (so the last try is at its end), then `wait` says no without sleeping."""
+    from ttg.backends.backoff import Backoff
+
+    clock = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(round(s, 6))
+        clock[0] += s
+
+    b = Backoff(2.0, cap_s=0.4, sleep=sleep, clock=lambda: clock[0])
+    while b.wait():
+        pass
+    assert slept == [0.1, 0.2, 0.4, 0.4, 0.4, 0.4, 0.1]
+    assert b.remaining() == 0.0 and not b.wait() and len(slept) == 7
+    b.reset()
+    assert b.remaining() == 2.0 and b.delay == 0.1

@@ -17,10 +17,12 @@ from types import FrameType
 
 from ttg import log as tlog
 from ttg import metrics
+from ttg.backends import policy
 from ttg.backends.base import Backend, Delivery
 from ttg.errors import ConfigError
 from ttg.rows import encode, run_chunk
 from ttg.spaces import Space
+from ttg.sweep import JobSpec
 from ttg.tasks import BUILTINS, Task, load_task
 
 log = logging.getLogger("ttg.worker")
@@ -124,7 +126,7 @@ class Worker:
             return EXIT_UNFINISHED
         return 0
 
-    def _execute(self, d: Delivery, task: Task, space: Space, spec: object) -> None:
+    def _execute(self, d: Delivery, task: Task, space: Space, spec: JobSpec) -> None:
         """Run the chunk. A point that raises fails the attempt (retried, as a transient
         error may be); on the last attempt the chunk is stored with those points' errors."""
         extra = {"chunk": d.chunk, "attempt": d.attempt}
@@ -133,9 +135,8 @@ class Worker:
         metrics.IN_FLIGHT.inc()
         t0 = time.time()
         try:
-            run = run_chunk(task, space, d.start, d.end, spec.work_ms,  # type: ignore[attr-defined]
-                            d.attempt)
-            if run.failed and d.attempt < spec.max_attempts:  # type: ignore[attr-defined]
+            run = run_chunk(task, space, d.start, d.end, spec.work_ms, d.attempt)
+            if run.failed and not policy.exhausted(spec, d.attempt):
                 raise _PointsFailed(f"{run.failed} point(s) failed, first: {run.first_error()}")
             rows = encode(run.table())
         except Exception as exc:  # noqa: BLE001 - any task error is the chunk's failure

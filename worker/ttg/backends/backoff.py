@@ -16,24 +16,26 @@ class Backoff:
     """
 
     def __init__(self, budget_s: float, first_s: float = 0.1, cap_s: float = 2.0,
-                 sleep: Callable[[float], object] = time.sleep) -> None:
+                 sleep: Callable[[float], object] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.budget_s = budget_s
         self.first_s = first_s
         self.cap_s = cap_s
         self._sleep = sleep
+        self._clock = clock
         self.reset()
 
     def reset(self) -> None:
-        self.deadline = time.monotonic() + self.budget_s
+        self.deadline = self._clock() + self.budget_s
         self.delay = self.first_s
 
     def remaining(self) -> float:
         """Seconds left of the budget (never below 0)."""
-        return max(0.0, self.deadline - time.monotonic())
+        return max(0.0, self.deadline - self._clock())
 
     def wait(self) -> bool:
         """Sleep the next delay (True), or False if the budget is spent."""
-        left = self.deadline - time.monotonic()
+        left = self.deadline - self._clock()
         if left <= 0:
             return False
         self._sleep(min(self.delay, left))

@@ -23,6 +23,7 @@ from typing import Any
 import redis.exceptions as rex
 
 from ttg import metrics
+from ttg.backends import policy
 from ttg.backends.base import BrokerConfig, Delivery, Progress
 from ttg.backends.redis_store import GROUP, Keys, RedisStore
 from ttg.partial import Partial, encode_result
@@ -311,10 +312,8 @@ class RedisStreamsBackend(RedisStore):
         assert self.spec is not None
         if d.reclaimed:
             lost = self._deliveries(d) - 1
-            if d.attempt + lost > self.spec.max_attempts:
-                reason = f"delivery limit: the chunk lost its worker {lost} time(s)"
-                if d.last_error:
-                    reason += f"; last error: {d.last_error}"
+            reason = policy.lost_too_often(self.spec, d.attempt, lost, d.last_error)
+            if reason is not None:
                 log.error("dead-lettering: %s", reason, extra={"chunk": d.chunk})
                 self._drop(d)
                 self.dead_letter(d.chunk, reason, d.attempt + lost, entry_id=d.token)
@@ -446,7 +445,7 @@ class RedisStreamsBackend(RedisStore):
         d = delivery
         self.flush()
         self._drop(d)
-        if d.attempt >= self.spec.max_attempts:
+        if policy.exhausted(self.spec, d.attempt):
             self.dead_letter(d.chunk, error, d.attempt, entry_id=d.token, task_s=task_s)
             return "dead"
         self.retrying(lambda: self._retry(

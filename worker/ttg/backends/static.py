@@ -14,6 +14,7 @@ import collections
 import logging
 import threading
 
+from ttg.backends import policy
 from ttg.backends.base import BrokerConfig, Delivery, Progress
 from ttg.backends.redis_store import Keys, RedisStore
 from ttg.errors import ConfigError
@@ -117,9 +118,9 @@ class StaticBackend(RedisStore):
         started = self.retrying(lambda: self.r.hincrby(self.keys.attempts, str(chunk), 1))
         attempt = self._retry_attempt.get(chunk, 1)
         lost = started - attempt
-        if started > self.spec.max_attempts:
-            self.dead_letter(chunk, f"delivery limit: the chunk lost its worker {lost} time(s)",
-                             started)
+        reason = policy.lost_too_often(self.spec, attempt, lost)
+        if reason is not None:
+            self.dead_letter(chunk, reason, started)
             return self.next_delivery(timeout_s)
         if lost > 0:
             self.event("reclaimed", chunk=chunk, attempt=attempt, delivery=started)
@@ -132,7 +133,7 @@ class StaticBackend(RedisStore):
 
     def fail(self, delivery: Delivery, error: str, task_s: float = 0.0) -> str:
         assert self.spec is not None and self.keys is not None
-        if delivery.attempt >= self.spec.max_attempts:
+        if policy.exhausted(self.spec, delivery.attempt):
             self.dead_letter(delivery.chunk, error, delivery.attempt, task_s=task_s)
             return "dead"
         self._retry_attempt[delivery.chunk] = delivery.attempt + 1

@@ -23,6 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from pika.channel import Channel
 
+from ttg.backends import policy
 from ttg.backends.backoff import Backoff
 from ttg.backends.base import Delivery
 from ttg.backends.rabbitmq.consumer import WorkerLink
@@ -268,10 +269,8 @@ class WorkerSide:
                 self.flush()  # its result is confirmed before the copy is acked
                 self._ack(d)
                 continue
-            if d.attempt + lost > self.spec.max_attempts:
-                reason = f"delivery limit: the chunk lost its worker {lost} time(s)"
-                if d.last_error:
-                    reason += f"; last error: {d.last_error}"
+            reason = policy.lost_too_often(self.spec, d.attempt, lost, d.last_error)
+            if reason is not None:
                 log.error("dead-lettering: %s", reason, extra={"chunk": d.chunk})
                 self._dead_letter(d.chunk, reason, d.attempt + lost, token=d.token)
                 continue
@@ -387,7 +386,7 @@ class WorkerSide:
         d = delivery
         self.flush()
         lost = getattr(d, "lost", 0)
-        dead = d.attempt >= self.spec.max_attempts
+        dead = policy.exhausted(self.spec, d.attempt)
         outcome = "dead" if dead else "retried"
         now = time.time()
         rec = {"chunk": d.chunk, "attempt": d.attempt, "task_s": round(task_s, 6),
