@@ -131,16 +131,9 @@ class BrokerMemory:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> int:
-        if self.target.backend in ("redis", "static"):
-            backend = get_backend(self.target.backend, self.target.config())
-            try:
-                return int(backend.r.info("memory")["used_memory"])  # type: ignore[attr-defined]
-            finally:
-                backend.close()
         backend = get_backend(self.target.backend, self.target.config())
         try:
-            fn = getattr(backend, "broker_memory_bytes", None)
-            return int(fn()) if fn else 0
+            return backend.broker_memory_bytes()
         finally:
             backend.close()
 

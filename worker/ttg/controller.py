@@ -386,7 +386,7 @@ def run_sweep(
     t0 = time.time()
     if not backend.submit(spec):
         log.info("run %s was already submitted: waiting for it", spec.run_id)
-        t0 = getattr(backend, "submitted_at", lambda _r: None)(spec.run_id) or t0
+        t0 = backend.submitted_at(spec.run_id) or t0
     submit_s = time.time() - t0
     injected: list[dict] = []
     thread = None

@@ -142,6 +142,14 @@ class Backend(abc.ABC):
     def load_spec(self, run_id: str) -> JobSpec | None:
         """The submitted job, or None."""
 
+    def submitted_at(self, run_id: str) -> float | None:
+        """When the run was first submitted (epoch seconds), if the backend records it."""
+        return None
+
+    def broker_memory_bytes(self) -> int:
+        """The broker's memory in use (for `make bench`), 0 if it cannot be read."""
+        return 0
+
     def submitted_spec(self, run_id: str) -> JobSpec:
         """The submitted job; a ConfigError naming the run if there is none."""
         spec = self.load_spec(run_id)

@@ -259,6 +259,10 @@ class RedisStore(Backend):
                                             k.workers, k.go, k.attempts, k.events, k.rows,
                                             k.fatal))
 
+    def broker_memory_bytes(self) -> int:
+        """Redis' `used_memory` (INFO memory)."""
+        return int(self.retrying(lambda: self.r.info("memory"))["used_memory"])
+
     def submitted_at(self, run_id: str) -> float | None:
         value = self.r.hget(Keys(run_id).meta, "submitted_at")
         return float(value) if value else None

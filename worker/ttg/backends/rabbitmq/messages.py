@@ -110,6 +110,22 @@ class _Ledger:
     fatal: dict[str, str] = field(default_factory=dict)  # worker -> why it cannot run the job
 
 
+@dataclass(frozen=True, eq=False)
+class Held:
+    """A RabbitMQ delivery's token (`Delivery.token`): the generation of the connection it
+    came on and its delivery tag (`key`), the worker losses it carries, its parsed body (to
+    hand it back as it came)."""
+
+    gen: int
+    tag: int
+    lost: int = 0
+    body: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.gen, self.tag)
+
+
 @dataclass
 class _Raw:
     gen: int

@@ -29,6 +29,7 @@ from ttg.backends.base import Delivery
 from ttg.backends.rabbitmq.consumer import WorkerLink
 from ttg.backends.rabbitmq.messages import (
     RETRYABLE,
+    Held,
     MalformedBody,
     Names,
     PublishRejected,
@@ -183,10 +184,10 @@ class WorkerSide:
             self._settle_one()
 
     def _ack(self, d: Delivery) -> None:
-        tokens = self._token(d.token)
+        tokens = self._token(d.token.key)
         if not tokens:
             return
-        if d.token[0] != self._io().gen:
+        if d.token.gen != self._io().gen:
             log.info("delivery from before a reconnect: not acked (the broker requeued it; "
                      "the copy will be recognised)", extra={"chunk": d.chunk})
             return
@@ -221,11 +222,9 @@ class WorkerSide:
             self._dead_letter(chunk, reason, 0, raw=text, token=token)
             return None
         lost += _header_int(raw.headers, "x-delivery-count")
-        d = Delivery(self.spec.run_id, chunk, start, end, attempt, token=(raw.gen, raw.tag),
-                     reclaimed=lost > 0 or raw.redelivered, last_error=data.get("err"))
-        d.lost = lost  # type: ignore[attr-defined]
-        d.body = data  # type: ignore[attr-defined]
-        return d
+        return Delivery(self.spec.run_id, chunk, start, end, attempt,
+                        token=Held(raw.gen, raw.tag, lost, data),
+                        reclaimed=lost > 0 or raw.redelivered, last_error=data.get("err"))
 
     def _fill(self, timeout_s: float) -> bool:
         io = self._io()
@@ -261,7 +260,7 @@ class WorkerSide:
             d = self._parse(raw)
             if d is None:
                 continue
-            lost = d.lost  # type: ignore[attr-defined]
+            lost = d.token.lost
             if d.reclaimed and (d.chunk in self._completed
                                 or (d.chunk, d.attempt) in self._handled):
                 log.info("redelivered copy of a chunk handled here: acked, not run",
@@ -272,7 +271,7 @@ class WorkerSide:
             reason = policy.lost_too_often(self.spec, d.attempt, lost, d.last_error)
             if reason is not None:
                 log.error("dead-lettering: %s", reason, extra={"chunk": d.chunk})
-                self._dead_letter(d.chunk, reason, d.attempt + lost, token=d.token)
+                self._dead_letter(d.chunk, reason, d.attempt + lost, token=d.token.key)
                 continue
             if lost > 0:
                 self._isolate(d)
@@ -322,7 +321,7 @@ class WorkerSide:
         self._hand_back(held)
         self._isolated = True
         log.info("redelivered chunk (lost its worker %d time(s)): running it alone",
-                 d.lost, extra={"chunk": d.chunk})  # type: ignore[attr-defined]
+                 d.token.lost, extra={"chunk": d.chunk})
 
     def _resume(self) -> None:
         if not self._isolated:
@@ -374,7 +373,7 @@ class WorkerSide:
         io = self._io()
         if self.config.prefetch == 0:
             io.want_prefetch = self.prefetch()
-        self._add_result(entry, self._token(d.token),
+        self._add_result(entry, self._token(d.token.key),
                          send_now=self._isolated or not (self._held or io.inbox.qsize()),
                          rows=rows_entry)
         if self._isolated:
@@ -385,7 +384,7 @@ class WorkerSide:
         assert self.spec is not None
         d = delivery
         self.flush()
-        lost = getattr(d, "lost", 0)
+        lost = d.token.lost
         dead = policy.exhausted(self.spec, d.attempt)
         outcome = "dead" if dead else "retried"
         now = time.time()
@@ -407,17 +406,16 @@ class WorkerSide:
             body = json.dumps({"c": d.chunk, "s": d.start, "e": d.end, "a": d.attempt + 1,
                                "err": error[:2000], "lost": lost})
             entries.append((tier, body.encode(), {"chunk": d.chunk}))
-        tokens = self._token(d.token) if d.token[0] == self._io().gen else []
+        tokens = self._token(d.token.key) if d.token.gen == self._io().gen else []
         self._confirmed(entries, tokens, "record the failure")
         self._handled.add((d.chunk, d.attempt))
         self._resume()
         return outcome
 
     def release(self, delivery: Delivery) -> None:
-        gen, tag = delivery.token
-        body = getattr(delivery, "body", None)
-        raw = _Raw(gen, tag, delivery.reclaimed, {"chunk": delivery.chunk},
-                   json.dumps({**(body or {}), "lost": getattr(delivery, "lost", 0)}).encode())
+        held = delivery.token
+        raw = _Raw(held.gen, held.tag, delivery.reclaimed, {"chunk": delivery.chunk},
+                   json.dumps({**held.body, "lost": held.lost}).encode())
         self._hand_back([raw])
         self._isolated = False
 
