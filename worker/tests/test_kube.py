@@ -106,7 +106,7 @@ def test_scale_is_the_deployments_scale_subresource(fake, platform):
 
 
 def test_armed_worker_is_a_bare_pod_the_replicaset_cannot_adopt(fake, platform):
-    env = {"TTG_TEST_KILL_AFTER_WRITE": "1", "TTG_POISON_PARAM": "7"}
+    env = {"TTG_EXIT_AFTER_FIRST_WRITE": "1", "TTG_POISON_PARAM": "7"}
     handle = platform.add_worker("armed-0", env)
     created = [b for m, _, b, _ in fake.requests if m == "POST"][0]
     labels = created["metadata"]["labels"]
@@ -117,7 +117,7 @@ def test_armed_worker_is_a_bare_pod_the_replicaset_cannot_adopt(fake, platform):
     assert created["spec"]["restartPolicy"] == "Never"
     env_out = {e["name"]: e["value"] for e in created["spec"]["containers"][0]["env"]}
     assert env_out == {"TTG_RUN_ID": RUN, "TTG_POISON_PARAM": "7",
-                       "TTG_TEST_KILL_AFTER_WRITE": "1", "TTG_EXIT_WHEN_DONE": "1"}
+                       "TTG_EXIT_AFTER_FIRST_WRITE": "1", "TTG_EXIT_WHEN_DONE": "1"}
     assert platform.workers() == {}  # an armed pod is no fleet worker
 
     # the pod dies by its hook: the exit code is read back, then the pod is removed

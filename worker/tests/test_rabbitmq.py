@@ -105,7 +105,7 @@ def test_sigkill_mid_chunk_is_redelivered_and_counted_once(rmq: Env) -> None:
 def test_kill_between_write_and_ack_counts_once(rmq: Env) -> None:
     ctl = rmq.make()
     ctl.submit(spec("wack", params=300, chunk=10, task="reference", work_ms=1))
-    first = rmq.worker("wack", 0, TTG_TEST_KILL_BETWEEN_WRITE_AND_ACK="1")
+    first = rmq.worker("wack", 0, TTG_EXIT_AFTER_FIRST_WRITE="1")
     assert first.wait(timeout=30) == 137  # died after its first confirmed result
     rmq.fleet("wack", 2)
     p = wait(ctl, "wack", timeout_s=45, stall_s=10)

@@ -225,7 +225,7 @@ class Chaos:
         """An extra worker armed to die right after its first result write (before the ack
         on RabbitMQ; Redis writes and acks in one script, so there the kill follows both)."""
         frac = self.wait_until(self.at)
-        env = {"TTG_TEST_KILL_AFTER_WRITE": "1", "TTG_TEST_KILL_BETWEEN_WRITE_AND_ACK": "1"}
+        env = {"TTG_EXIT_AFTER_FIRST_WRITE": "1"}
         t = time.time()
         handle = self.platform.add_worker("armed-0", env)
         rc = self.platform.wait_added(handle)

@@ -98,6 +98,12 @@ def connect(args: argparse.Namespace) -> Backend:
     return backend
 
 
+def _exit_killed() -> None:
+    """Die as a SIGKILL would leave it: no cleanup, exit code 137."""
+    log.warning("exiting after the first write (--exit-after-first-write)")
+    os._exit(137)
+
+
 def cmd_work(args: argparse.Namespace) -> int:
     from ttg import metrics
     from ttg.worker import Worker
@@ -108,7 +114,10 @@ def cmd_work(args: argparse.Namespace) -> int:
         else f"{socket.gethostname()}-{os.getpid()}"
     )
     index = args.worker_index
-    worker = Worker(get_backend(args.backend, broker_config(args)), run_id, worker_id, index,
+    backend = get_backend(args.backend, broker_config(args))
+    if args.exit_after_first_write:  # the armed worker of `make chaos`'s kill-after-write
+        backend.after_write = _exit_killed
+    worker = Worker(backend, run_id, worker_id, index,
                     exit_when_done=args.exit_when_done, allow_tasks=args.task)
     worker.install_signals()
     if args.metrics_port:

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                             else env_int("JOB_COMPLETION_INDEX", None)))
     w.add_argument("--exit-when-done", action="store_true",
                    default=env("TTG_EXIT_WHEN_DONE", "0") == "1")
+    w.add_argument("--exit-after-first-write", action="store_true",
+                   default=env("TTG_EXIT_AFTER_FIRST_WRITE", "0") == "1",
+                   help="a fault for `make chaos` (kill-after-write): exit 137 once the first "
+                        "result is durable, before its delivery is acked where the backend "
+                        "acks apart from the write (TTG_EXIT_AFTER_FIRST_WRITE)")
     w.add_argument("--metrics-port", type=_int, default=env_int("TTG_METRICS_PORT", "0"),
                    help="serve Prometheus metrics on this port (TTG_METRICS_PORT; 0 = off)")
     w.add_argument("--metrics-addr", default=env("TTG_METRICS_ADDR", "127.0.0.1"),

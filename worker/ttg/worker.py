@@ -60,7 +60,6 @@ class Worker:
         self.allow_tasks = allow_tasks
         self.chunks_done = 0
         # Test hook for chaos: die right after the result write, before anything else.
-        self._kill_after_write = os.environ.get("TTG_TEST_KILL_AFTER_WRITE") == "1"
 
     def _prepare(self, spec: object) -> tuple[Task, Space]:
         """The job's task and space, or ConfigError: refused, not importable, bad space."""
@@ -161,9 +160,6 @@ class Worker:
                         d.attempt, run.first_error(), extra=extra)
         partial = run.partial(spec.objective or "value")  # type: ignore[attr-defined]
         new = self.backend.complete(d, partial, meta, rows)
-        if self._kill_after_write:
-            self.backend.flush()
-            os._exit(137)
         self.chunks_done += 1
         metrics.CHUNKS_DONE.inc()
         metrics.CHUNK_SECONDS.observe(t1 - t0)

@@ -123,6 +123,10 @@ class Backend(abc.ABC):
         # Set by the worker: while it is stopping, broker retries give up at once (the
         # chunk in hand is then simply reclaimed later) instead of holding the exit.
         self.stop_requested: Callable[[], bool] = lambda: False
+        # A fault seam (`ttg work --exit-after-first-write`, for `make chaos`): called once a
+        # result is durable; before its delivery is acked where the backend acks apart from
+        # the write (RabbitMQ), after both where they are one operation (Redis).
+        self.after_write: Callable[[], None] | None = None
 
     # ---- both sides -------------------------------------------------------------------
     @abc.abstractmethod

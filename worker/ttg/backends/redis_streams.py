@@ -433,6 +433,8 @@ class RedisStreamsBackend(RedisStore):
             args += [d.chunk, result, f"{task_s:.6f}", d.token, rows]
         won = self.retrying(lambda: self._complete_batch(
             keys=[k.results, k.stats, k.tasks, k.rows], args=args))
+        if self.after_write is not None:
+            self.after_write()
         for (d, *_), new in zip(pending, won, strict=True):
             self._drop(d)
             if not new:

@@ -128,8 +128,11 @@ class StaticBackend(RedisStore):
 
     def complete(self, delivery: Delivery, partial: Partial, meta: dict,
                  rows: bytes = b"") -> bool:
-        return self.store_result(delivery.chunk, encode_result(partial, **meta),
-                                 float(meta.get("task_s", 0.0)), rows=rows)
+        new = self.store_result(delivery.chunk, encode_result(partial, **meta),
+                                float(meta.get("task_s", 0.0)), rows=rows)
+        if self.after_write is not None:
+            self.after_write()
+        return new
 
     def fail(self, delivery: Delivery, error: str, task_s: float = 0.0) -> str:
         assert self.spec is not None and self.keys is not None

@@ -80,7 +80,6 @@ class RabbitMQBackend(ControllerSide, DeadLetterSide, WorkerSide, Backend):
         self._open_out: Out | None = None
         self._unsettled: deque[Out] = deque()
         self._ewma_task_s: float | None = None
-        self._kill_between = os.environ.get("TTG_TEST_KILL_BETWEEN_WRITE_AND_ACK") == "1"
 
     # ---- connections --------------------------------------------------------------------
     def _parameters(self) -> pika.URLParameters:

@@ -54,6 +54,7 @@ class WorkerLink(Link):
         self.unacked: set[int] = set()  # delivery tags of this channel not yet settled
         self.window: set[int] = set()  # ... of them, delivered to the current consumer
         self.qos: int | None = None  # the prefetch the current consumer was made with
+        self.before_ack: Callable[[], None] | None = None  # Backend.after_write
 
     # ---- the loop's thread --------------------------------------------------------------
     def on_ready(self, ch: Channel) -> None:
@@ -138,12 +139,15 @@ class WorkerLink(Link):
             self.window.discard(tag)
 
     def start_acked(self, entries: list[Entry], tokens: list[tuple[int, int]],
-                    fut: Future) -> None:
+                    fut: Future, results: bool = False) -> None:
         """Publish `entries`; once all are confirmed ack `tokens` (those of this connection)
-        and resolve `fut` with the refused indices (acking nothing if there are any)."""
+        and resolve `fut` with the refused indices (acking nothing if there are any).
+        `results`: a batch of results (`before_ack` runs between their confirm and ack)."""
         gen = self.gen
 
         def then(failed: list[int]) -> None:
+            if not failed and results and self.before_ack is not None:
+                self.before_ack()
             if not failed and self.gen == gen:
                 self.ack_tags([tag for g, tag in tokens if g == gen])
 
@@ -160,7 +164,7 @@ class WorkerLink(Link):
                             + b"]", {"k": "results", "n": len(out.entries)})]
         out.entries += out.rows  # refused indices then count over results and rows alike
         out.rows = []
-        self.start_acked(out.entries, out.tokens, out.fut)
+        self.start_acked(out.entries, out.tokens, out.fut, results=True)
 
     # ---- any thread ---------------------------------------------------------------------
     def publish_acked(self, entries: list[Entry], tokens: list[tuple[int, int]]) -> Future:

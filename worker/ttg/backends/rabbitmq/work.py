@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import time
 from collections import deque
@@ -67,6 +66,7 @@ class WorkerSide:
         self.io = WorkerLink(self.params, self.config.url, self.config.retry_budget_s,
                              self.topology.queues(self.names), self.names, self.auth_error,
                              self.prefetch())
+        self.io.before_ack = self.after_write
         self.io.start()
         self.io.wait_ready(self.config.connect_timeout_s + 5)
         return self.spec
@@ -366,10 +366,6 @@ class WorkerSide:
         rows_entry = (self.names.rows, rows, {"k": "rows", "chunk": d.chunk})
         new = d.chunk not in self._completed
         self._completed.add(d.chunk)
-        if self._kill_between:  # test hook: die once the result is confirmed, before the ack
-            self.flush()
-            self._confirmed([entry, rows_entry], [], "write the result")
-            os._exit(137)
         io = self._io()
         if self.config.prefetch == 0:
             io.want_prefetch = self.prefetch()
