@@ -71,7 +71,7 @@ pipelined):
     messages     names, topology, message formats, task-body parsing (no I/O)
     link         `Link`: a connection on its own thread, publisher confirms (`Confirms`)
     consumer     `WorkerLink`: the worker's link (consume, prefetch, acks, result batches)
-    streams      `_Tail`: the controller's long-lived reader of the results stream
+    streams      `StreamReader` (a stream up to now), `wait_stream` (a worker awaiting the job)
     backend      `RabbitMQBackend`: what both sides share (connections, retries, streams)
     control      the controller side: submit, ledger, events, progress, rows
     deadletters  the dead-letter queue: read and replay

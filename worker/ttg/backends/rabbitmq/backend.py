@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from urllib.parse import unquote, urlsplit
@@ -34,15 +32,13 @@ from ttg.backends.rabbitmq.messages import (
     PublishRejected,
     T,
     Topology,
-    _discard,
-    _header_int,
     _is_auth,
     _Ledger,
     _Raw,
     _redacted,
     _tiers_from,
 )
-from ttg.backends.rabbitmq.streams import _Tail
+from ttg.backends.rabbitmq.streams import StreamReader
 from ttg.backends.rabbitmq.work import WorkerSide
 from ttg.errors import BrokerAuthError, BrokerUnavailable, ConfigError, TTGError
 from ttg.sweep import JobSpec
@@ -64,7 +60,7 @@ class RabbitMQBackend(ControllerSide, DeadLetterSide, WorkerSide, Backend):
         self._ch: BlockingChannel | None = None
         self._ledgers: dict[str, _Ledger] = {}
         self._recs: dict[str, dict] = {}
-        self._tails: dict[str, _Tail] = {}
+        self._tails: dict[str, StreamReader] = {}
         self._dlq_cache: dict[str, tuple[int, list[DeadLetter]]] = {}
         # worker state
         self.worker_id = "controller"
@@ -248,39 +244,18 @@ class RabbitMQBackend(ControllerSide, DeadLetterSide, WorkerSide, Backend):
                 return None
             raise
 
-    def _read_stream(self, q: str, start: int | str) -> Iterator[tuple[int, dict, bytes]]:
-        """Every record of stream `q` from `start` up to now: (offset, headers, body).
+    def _reader(self, q: str) -> StreamReader:
+        """A reader of stream `q` (its own connection; reconnects get the retry budget)."""
+        return StreamReader(q, lambda: self.connect(self.config.retry_budget_s),
+                            self._mark(q), self.config.retry_budget_s)
 
-        A stream has no end marker, so a unique marker is published first (confirmed) and
-        the read stops when it comes back: everything confirmed before it has been seen.
-        """
-        mark = uuid.uuid4().hex
-        self._mark(q)(mark)
-        conn = self.connect(self.config.retry_budget_s)
+    def _read_stream(self, q: str, start: int | str) -> Iterator[tuple[int, dict, bytes]]:
+        """Every record of stream `q` from `start` up to now: (offset, headers, body)."""
+        reader = self._reader(q)
         try:
-            ch = conn.channel()
-            ch.basic_qos(prefetch_count=2000)
-            deadline = time.monotonic() + self.config.retry_budget_s
-            unacked = 0
-            for method, props, body in ch.consume(q, arguments={"x-stream-offset": start},
-                                                  inactivity_timeout=1.0):
-                if method is None:
-                    if time.monotonic() > deadline:
-                        raise BrokerUnavailable(f"reading {q}: no end after "
-                                                f"{self.config.retry_budget_s:.0f}s")
-                    continue
-                unacked += 1
-                if unacked >= 500:
-                    ch.basic_ack(method.delivery_tag, multiple=True)
-                    unacked = 0
-                headers = dict(props.headers or {})
-                if MARK in headers:
-                    if headers[MARK] == mark:
-                        return
-                    continue
-                yield _header_int(headers, "x-stream-offset"), headers, body
+            yield from reader.read(start)
         finally:
-            _discard(conn)
+            reader.close()
 
     def _stream_records(self, q: str, start: int | str = "first"
                         ) -> Iterator[tuple[int, dict, bytes]]:

@@ -3,7 +3,7 @@
 Submits with PUBLISH_WINDOW publishes unconfirmed at a time (confirmed in batches, refused
 ones published again) on a `Link`; reads the streams to a marker it publishes itself (a
 stream has no "end"), so reads are exact; the results stream is tailed by one long-lived
-consumer between polls (`_Tail`). Rows are taken from their quorum queue with basic.get and
+consumer between polls (`StreamReader`). Rows are taken from their quorum queue with basic.get and
 acked once they are durable in runs/<id>/.
 """
 
@@ -36,7 +36,6 @@ from ttg.backends.rabbitmq.messages import (
     _Ledger,
     _Lost,
 )
-from ttg.backends.rabbitmq.streams import _Tail
 from ttg.errors import BrokerUnavailable, JobMismatch
 from ttg.partial import Partial, decode_result
 from ttg.sweep import JobSpec
@@ -202,13 +201,11 @@ class ControllerSide:
             return []
         tail = self._tails.get(run_id)
         if tail is None:
-            tail = self._tails[run_id] = _Tail(
-                q, lambda: self.connect(self.config.retry_budget_s), self._mark(q),
-                self.config.retry_budget_s)
+            tail = self._tails[run_id] = self._reader(q)
         backoff = Backoff(self.config.retry_budget_s)
         while True:
             try:
-                return tail.read(start)
+                return list(tail.read(start))
             except (pex.ChannelClosedByBroker, *RETRYABLE) as exc:
                 tail.close()
                 if not backoff.wait():

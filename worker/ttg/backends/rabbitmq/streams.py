@@ -1,5 +1,6 @@
-"""RabbitMQ backend: readers of streams: the controller's tail of the results stream
-(`_Tail`), and the worker's wait for the job record (`wait_stream`)."""
+"""RabbitMQ backend: readers of streams: up to now (`StreamReader`: the controller's), and
+from the first record on, blocking for new ones (`wait_stream`: a worker waiting for the
+job)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from ttg.errors import BrokerUnavailable
 log = logging.getLogger("ttg.rabbitmq")
 
 
-class _Tail:
-    """A long-lived consumer of one stream, read up to a fresh marker on demand.
+class StreamReader:
+    """A consumer of one stream, read up to a fresh marker on demand.
 
-    The controller polls progress several times a second: one consumer that stays open (and
-    is never cancelled, see `_discard`) instead of a connection per poll.
+    A stream has no end: `read` publishes a unique marker (confirmed) and reads until it comes
+    back, so everything confirmed before the read is seen. The controller keeps one reader of
+    the results stream open between its polls (several a second: one consumer that stays
+    open, never cancelled, see `_discard`, instead of a connection per poll); other reads
+    use one reader each and close it.
     """
 
     def __init__(self, q: str, connect: Callable[[], BlockingConnection],
@@ -64,17 +68,19 @@ class _Tail:
                          arguments={"x-stream-offset": start})
         self.ch = ch
 
-    def read(self, start: int | str) -> list[tuple[int, dict, bytes]]:
-        """Every record from `start` (the caller's next offset) up to now."""
+    def read(self, start: int | str) -> Iterator[tuple[int, dict, bytes]]:
+        """Every record from `start` (the caller's next offset) up to now: (offset, headers,
+        body). BrokerUnavailable when no record comes for the budget."""
         if self.conn is None or not self.conn.is_open:
             self.close()
             self._open(start)
         mark = uuid.uuid4().hex
         self.mark(mark)
         deadline = time.monotonic() + self.budget_s
-        out: list[tuple[int, dict, bytes]] = []
         assert self.conn is not None
         while True:
+            if self.buffer:
+                deadline = time.monotonic() + self.budget_s  # still coming
             while self.buffer:
                 offset, headers, body = self.buffer.popleft()
                 if isinstance(start, int) and offset < start:
@@ -84,9 +90,9 @@ class _Tail:
                         if self.last_tag:
                             self.ch.basic_ack(self.last_tag, multiple=True)
                             self.last_tag = 0
-                        return out
+                        return
                     continue
-                out.append((offset, headers, body))
+                yield offset, headers, body
             if time.monotonic() > deadline:
                 raise BrokerUnavailable(f"reading {self.q}: the marker did not come back")
             self.conn.process_data_events(time_limit=0.2)
