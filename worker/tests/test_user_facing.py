@@ -43,7 +43,9 @@ def test_every_variable_the_help_names_is_read() -> None:
             if not names or not action.option_strings or action.choices:
                 continue
             var = names[0]
-            probe = "7" if action.type in (cli._int, cli._float) else "probe-value"  # noqa: SLF001
+            flag = action.nargs == 0  # a switch: "1" turns it on
+            probe = "1" if flag else (
+                "7" if action.type in (cli._int, cli._float) else "probe-value")  # noqa: SLF001
             old = os.environ.get(var)
             os.environ[var] = probe
             try:
@@ -58,7 +60,8 @@ def test_every_variable_the_help_names_is_read() -> None:
                 else:
                     os.environ[var] = old
             value = getattr(ns, action.dest)
-            assert str(value) in (probe, "7.0"), (sub.prog, action.dest, var, value)
+            assert (value is True) if flag else str(value) in (probe, "7.0"), (
+                sub.prog, action.dest, var, value)
             checked += 1
     assert checked >= 15
 
