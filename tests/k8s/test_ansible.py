@@ -302,3 +302,41 @@ def test_status_on_kind_says_when_the_cluster_does_not_answer(tmp_path: Path) ->
     assert "cluster      unreachable:" in result.stdout
     assert "the kind cluster did not answer" in result.stderr.strip().splitlines()[-1]
     assert "runs         0 (0 with a summary), latest none" in result.stdout
+
+
+def _pod(name: str, phase: str, waiting: str | None = None, ready: bool = False,
+         message: str = "") -> dict:
+    state = {"waiting": {"reason": waiting, "message": message}} if waiting else {"running": {}}
+    return {"metadata": {"name": name},
+            "status": {"phase": phase,
+                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                       "containerStatuses": [{"name": "worker", "state": state}]}}
+
+
+def test_fleet_wait_sees_a_pod_that_cannot_start_and_counts_the_running() -> None:
+    """The fleet's wait (roles/k8s_app/filter_plugins): a pod whose image cannot be pulled or
+    that crash-loops is named with its reason (so the play fails at once); ContainerCreating
+    is only slow; a Job pod that failed is the Job's to retry (failed=False)."""
+    import importlib.util
+
+    path = ROOT / "roles/k8s_app/filter_plugins/k8s_app_pods.py"
+    spec = importlib.util.spec_from_file_location("k8s_app_pods", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pods = [
+        _pod("w-1", "Running", ready=True),
+        _pod("w-2", "Pending", "ContainerCreating"),
+        _pod("w-3", "Pending", "ImagePullBackOff", message='Back-off pulling image "x:1"'),
+        _pod("w-4", "Running", "CrashLoopBackOff", message="back-off 10s restarting"),
+        {"metadata": {"name": "w-5"}, "status": {"phase": "Failed", "reason": "Evicted"}},
+        {"metadata": {"name": "w-6"}, "status": {"phase": "Succeeded"}},
+    ]
+    assert mod.k8s_app_stuck_pods(pods) == [
+        'w-3: ImagePullBackOff: Back-off pulling image "x:1"',
+        "w-4: CrashLoopBackOff: back-off 10s restarting",
+        "w-5: Evicted",
+    ]
+    assert mod.k8s_app_stuck_pods(pods, False)[-1].startswith("w-4")
+    assert mod.k8s_app_started_pods(pods) == 2  # w-1 ready, w-6 done
+    assert mod.k8s_app_stuck_pods(pods[:2]) == []

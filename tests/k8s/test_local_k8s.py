@@ -550,6 +550,40 @@ def test_make_demo_runs_on_the_local_cluster_to_the_exact_sum(
     assert volume.startswith("pvc-"), volume
 
 
+def test_a_fleet_whose_image_cannot_be_pulled_fails_at_once_with_the_reason(
+    node: Cluster, demo_env: dict[str, str]
+) -> None:
+    """A worker image the node does not have (and may not pull: no traffic leaves the
+    machine): the fleet's wait ends on the pods' ErrImageNeverPull, and the last line names
+    the pod and the reason, instead of a wait until its timeout and a sweep that never
+    starts."""
+    t0 = time.monotonic()
+    r = run(
+        [
+            "make",
+            "demo",
+            "PLATFORM=k8s",
+            "BACKEND=redis",
+            "PARAMS=1000",
+            "CHUNK=100",
+            "WORKERS=2",
+            "RUN_ID=k8s-no-image",
+            f"ANSIBLE_ARGS={demo_env['ANSIBLE_ARGS']} -e k8s_app_image=ttg.local/no-such:0"
+            " -e k8s_app_image_pull_policy=Never -e k8s_app_wait_timeout=300",
+        ],
+        timeout=900,
+        KUBECONFIG=demo_env["KUBECONFIG"],
+    )
+    took = time.monotonic() - t0
+    assert r.returncode != 0, r.stdout[-3000:]
+    last = (r.stderr.strip().splitlines() or [""])[-1]
+    assert "the worker fleet cannot start: ttg-workers-" in last, r.stderr[-3000:]
+    assert "ErrImageNeverPull" in last, last
+    assert took < 300, f"{took:.0f} s: the wait ran to its timeout instead of ending on the pods"
+    # the pods that cannot start are not left behind to retry for ever
+    node.ok("-n", "ttg", "delete", "deployment", "ttg-workers", "--ignore-not-found")
+
+
 def test_make_clean_leaves_no_pod_or_job_and_purge_no_claim(
     node: Cluster, demo_env: dict[str, str]
 ) -> None:
