@@ -20,6 +20,11 @@ from ttg.backends import get_backend  # noqa: E402
 from ttg.backends.base import Backend, BrokerConfig  # noqa: E402
 from ttg.sweep import JobSpec  # noqa: E402
 
+# ansible-playbook reads ansible.cfg from its working directory: the tests that run it get the
+# project's (its stdout callback puts a failure's reason last, on stderr) wherever pytest was
+# started (`make test` runs from the root; `cd worker && pytest` works the same).
+os.environ.setdefault("ANSIBLE_CONFIG", str(Path(__file__).resolve().parents[2] / "ansible.cfg"))
+
 QUEUE_BACKENDS = ["redis", "rabbitmq"]
 ALL_BACKENDS = ["redis", "rabbitmq", "static"]
 
