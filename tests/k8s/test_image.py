@@ -86,7 +86,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "def run(p):\n    return {'double': 2.0 * p, 'odd': p % 2 == 1}\n")
     # what `ttg image --wheelhouse` puts in a context: the Dockerfile's pins, pip, setuptools
     ttg_image.fill_wheelhouse(ctx)
-    built = docker(
+    argv = [
         "build",
         "--network",
         "none",
@@ -101,8 +101,12 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--build-arg",
         "CREATED=2026-01-01T00:00:00Z",
         str(ctx),
-        timeout=900,
-    )
+    ]
+    built = docker(*argv, timeout=900)
+    if built.returncode != 0 and "No such image" in built.stderr:
+        # a cached layer went away under the build (the legacy builder and another build or
+        # clean-up in the same daemon, seen once in CI): build again from no cache
+        built = docker(*argv[:1], "--no-cache", *argv[1:], timeout=900)
     assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
     image_id = docker("image", "inspect", "--format", "{{.Id}}", TAG).stdout.strip()
     yield TAG
