@@ -158,7 +158,7 @@ class Worker:
             metrics.POINTS_FAILED.inc(run.failed)
             log.warning("stored with %d failed point(s) after %d attempts: %s", run.failed,
                         d.attempt, run.first_error(), extra=extra)
-        partial = run.partial(spec.objective or "value")  # type: ignore[attr-defined]
+        partial = run.partial(spec.objective or "value")
         new = self.backend.complete(d, partial, meta, rows)
         self.chunks_done += 1
         metrics.CHUNKS_DONE.inc()

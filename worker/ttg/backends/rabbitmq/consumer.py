@@ -44,8 +44,9 @@ class WorkerLink(Link):
 
     def __init__(self, params: pika.ConnectionParameters, url: str, budget_s: float,
                  queues: list[tuple[str, dict]], names: Names,
-                 auth_error: Callable[[BaseException], TTGError], prefetch: int) -> None:
-        super().__init__(params, url, budget_s, queues, auth_error)
+                 auth_error: Callable[[BaseException], TTGError], prefetch: int,
+                 accepted: bool = False) -> None:
+        super().__init__(params, url, budget_s, queues, auth_error, accepted=accepted)
         self.names = names
         self.inbox: queue.Queue[_Raw] = queue.Queue()
         self.want_consume = True

@@ -104,7 +104,7 @@ class ControllerSide:
         those whose confirm was lost with the connection are published again on the next
         one (a duplicate task only costs a redundant execution)."""
         link = Link(self.params, self.config.url, self.config.retry_budget_s, [],
-                    self.auth_error, name="amqp-publish")
+                    self.auth_error, name="amqp-publish", accepted=self._connected_once)
         link.start()
         try:
             return self._publish_window(link, iter(items), what)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -27,6 +26,7 @@ import pika
 from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
 from pika.channel import Channel
 
+from ttg.backends.backoff import Backoff
 from ttg.backends.rabbitmq.messages import PERSISTENT, T, _is_auth, _Lost, _redacted
 from ttg.errors import BrokerUnavailable, TTGError
 
@@ -113,7 +113,7 @@ class Link(threading.Thread):
     def __init__(self, params: pika.ConnectionParameters, url: str, budget_s: float,
                  queues: list[tuple[str, dict]],
                  auth_error: Callable[[BaseException], TTGError], name: str = "amqp-io",
-                 ) -> None:
+                 accepted: bool = False) -> None:
         super().__init__(name=name, daemon=True)
         self.params = params
         self.url = url
@@ -121,6 +121,9 @@ class Link(threading.Thread):
         self.queues = queues
         self.auth_error = auth_error
         self.gen = 0  # connections opened so far: delivery tags belong to one of them
+        # the broker has accepted these credentials before (here or on the caller's own
+        # connection): a refusal now is a node still starting its vhosts, retried in the budget
+        self.accepted = accepted
         self.conn: pika.SelectConnection | None = None
         self.ch: Channel | None = None
         self.conf = Confirms()
@@ -130,32 +133,28 @@ class Link(threading.Thread):
         self.lock = threading.Lock()  # guards `pending` and the ready state it is read with
         self.pending: set[Future] = set()  # failed when the connection is lost
         self._error: BaseException | None = None
-        self._opened = False
 
     # ---- the loop's thread --------------------------------------------------------------
     def run(self) -> None:
-        delay, deadline = 0.1, None
+        backoff: Backoff | None = None  # from the first failure after a connection
         while not self.stop.is_set():
-            self._opened = False
+            opened = self.gen
             exc = self._session()
-            if self._opened:
-                delay, deadline = 0.1, None
+            if self.gen != opened:
+                backoff = None
             if self.stop.is_set():
                 break
-            if _is_auth(exc) and self.gen == 0:
+            if _is_auth(exc) and not self.accepted:
                 self.fatal = self.auth_error(exc)
                 break
-            now = time.monotonic()
-            deadline = deadline or now + self.budget_s
-            if now + delay > deadline:
+            backoff = backoff or Backoff(self.budget_s, cap_s=5.0, sleep=self.stop.wait)
+            log.warning("connection lost (%s: %s): reconnecting in %.1fs",
+                        exc.__class__.__name__, exc, backoff.delay)
+            if not backoff.wait():
                 self.fatal = BrokerUnavailable(
                     f"rabbitmq at {_redacted(self.url)} unreachable for {self.budget_s:.0f}s: "
                     f"{exc.__class__.__name__}: {exc}")
                 break
-            log.warning("connection lost (%s: %s): reconnecting in %.1fs",
-                        exc.__class__.__name__, exc, delay)
-            self.stop.wait(delay)
-            delay = min(delay * 2, 5.0)
         self.ready.set()  # wake waiters: they look at `fatal` / `stop`
 
     def _session(self) -> BaseException:
@@ -168,9 +167,10 @@ class Link(threading.Thread):
         try:
             conn.ioloop.start()
         finally:
-            self._lost(self._error or _Lost("connection closed"))
+            self._error = self._error or _Lost("connection closed")
+            self._lost(self._error)
             conn.ioloop.close()
-        return self._error or _Lost("connection closed")
+        return self._error
 
     def _on_open(self, conn: pika.SelectConnection) -> None:
         conn.channel(on_open_callback=self._on_channel)
@@ -209,7 +209,7 @@ class Link(threading.Thread):
 
     def _on_confirming(self, ch: Channel) -> None:
         self.gen += 1
-        self._opened = True
+        self.accepted = True
         self.ch = ch
         self.on_ready(ch)
         with self.lock:
@@ -308,11 +308,10 @@ class Link(threading.Thread):
             with self.lock:
                 self.pending.discard(fut)
 
-    def publish(self, entries: list[Entry],
-                then: Callable[[list[int]], None] | None = None) -> Future:
+    def publish(self, entries: list[Entry]) -> Future:
         """Publish `entries` on the loop; a Future of the indices the broker refused."""
         fut: Future = Future()
-        self.post(lambda: self.start_batch(entries, fut, then), fut)
+        self.post(lambda: self.start_batch(entries, fut), fut)
         return fut
 
     def wait_ready(self, timeout_s: float) -> None:

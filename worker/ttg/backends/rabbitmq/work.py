@@ -65,7 +65,7 @@ class WorkerSide:
         self._reset()  # the main-thread connection would miss heartbeats during a chunk
         self.io = WorkerLink(self.params, self.config.url, self.config.retry_budget_s,
                              self.topology.queues(self.names), self.names, self.auth_error,
-                             self.prefetch())
+                             self.prefetch(), accepted=self._connected_once)
         self.io.before_ack = self.after_write
         self.io.start()
         self.io.wait_ready(self.config.connect_timeout_s + 5)
