@@ -177,9 +177,13 @@ def test_chunk_longer_than_two_heartbeats_is_not_redelivered(rmq: Env) -> None:
 def test_broker_restart_mid_run_loses_nothing(own_node: Env) -> None:
     env = own_node
     ctl = env.make(retry_budget_s=60)
-    ctl.submit(spec("rs", params=600, chunk=10, task="reference", work_ms=5))
+    # 60 chunks of 10 x 40 ms: ~12 s for 2 workers, so the kill lands mid-run even on a
+    # loaded CI machine (at 5 ms the run once finished before the kill and nothing reconnected)
+    ctl.submit(spec("rs", params=600, chunk=10, task="reference", work_ms=40))
     env.fleet("rs", 2)
     wait_for(lambda: ctl.progress("rs").done >= 10, timeout=30, what="some progress")
+    before = ctl.progress("rs")
+    assert not before.finished, "the run finished before the broker was killed"
     env.broker.restart()
     ctl = env.make(retry_budget_s=60)
     p = wait(ctl, "rs", timeout_s=90, stall_s=10)
