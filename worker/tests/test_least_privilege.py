@@ -1,6 +1,7 @@
-"""One broker user per role: the Redis ACL users of roles/redis (their rules read from the
-role's defaults, applied to a real redis-server). A worker's credential completes a run but
-cannot delete the run's streams, flush, reconfigure or list the server, nor rewrite the spec."""
+"""One broker user per role: the Redis ACL users of roles/redis and the RabbitMQ users of
+roles/rabbitmq (their rules read from the roles' defaults, applied to a real redis-server and
+a real RabbitMQ node). A worker's credential completes a run but cannot delete the run's
+streams or queues, flush, reconfigure or list the server, nor rewrite the spec."""
 
 from __future__ import annotations
 
@@ -116,3 +117,104 @@ def test_a_worker_credential_cannot_destroy_the_run(acl):
             call()
     for conn in (w, mon, c, ctl, admin):
         conn.close()
+
+
+# ---- RabbitMQ: the users of roles/rabbitmq (rabbitmq_users) --------------------------------
+def rabbit_worker_user() -> dict:
+    users = yaml.safe_load((ROOT / "roles/rabbitmq/defaults/main.yml").read_text())
+    return next(u for u in users["rabbitmq_users"] if u["name"] == "ttg-worker")
+
+
+@pytest.fixture
+def rabbit_worker(tmp_path: Path):
+    """(Env of a vhost of its own as the controller, worker URL, worker password file): the
+    worker user has exactly the role's permissions on that vhost, and no tags."""
+    from brokers import shared_rabbit_lease
+
+    lease = shared_rabbit_lease()
+    env = Env("rabbitmq", lease, tmp_path)
+    u = rabbit_worker_user()
+    name, pw = f"ttg-worker-{lease.vhost}", "pw-" + os.urandom(8).hex()
+    lease.ctl("add_user", name, pw)
+    lease.ctl("set_permissions", "-p", lease.vhost, name, u["configure"], u["write"], u["read"])
+    lease.ctl("set_user_tags", name, *u["tags"])
+    pwfile = tmp_path / "worker.pass"
+    pwfile.write_text(pw)
+    pwfile.chmod(0o600)
+    try:
+        yield env, f"amqp://{name}@127.0.0.1:{lease.port}/{lease.vhost}", pw, pwfile
+    finally:
+        env.stop_all()
+        lease.ctl("delete_user", name)
+
+
+def test_rabbitmq_workers_complete_a_run_with_the_worker_user_only(rabbit_worker):
+    env, w_url, _pw, w_file = rabbit_worker
+    # started before the submission: a worker may not declare the run's queues, it waits
+    fleet = env.fleet("lpr", 2, TTG_BROKER_URL=w_url, TTG_BROKER_PASSWORD_FILE=str(w_file),
+                      TTG_POISON_PARAM="55")
+    ctl = env.make(options={"retry_tiers_ms": [200, 400]})
+    ctl.submit(spec("lpr", params=200, chunk=10, workers=2, task="poison", max_attempts=2))
+    try:
+        codes = [w.wait(timeout=90) for w in fleet]
+    finally:
+        env.stop_all()
+    logs = "".join(Path(w.logfile).read_text()[-1500:] for w in fleet)  # type: ignore[attr-defined]
+    assert codes == [0, 0], logs
+    assert "ACCESS_REFUSED" not in logs and "403" not in logs
+    p = ctl.progress("lpr")
+    # the retry through a tier, the rows and the poisoned point's stored failure all went
+    # through with the worker's permissions
+    assert (p.done, p.dead, p.retried) == (20, 0, 1)
+    rows = ctl.take_rows("lpr", 100)
+    assert sorted(c for _t, c, _r in rows) == list(range(20))
+    ctl.close()
+
+
+def test_rabbitmq_worker_credential_cannot_destroy_the_run(rabbit_worker):
+    import pika
+    import pika.exceptions as pex
+
+    from ttg.backends.rabbitmq.messages import Names
+
+    env, w_url, pw, _f = rabbit_worker
+    ctl = env.make()
+    ctl.submit(spec("lpr2", params=50, chunk=10, workers=1))
+    n = Names("lpr2")
+    user, port = w_url[len("amqp://"):].split("@")[0], env.broker.port
+    conn = pika.BlockingConnection(pika.ConnectionParameters(
+        "127.0.0.1", port, env.broker.vhost, pika.PlainCredentials(user, pw)))
+    refused = [
+        lambda ch: ch.queue_delete(n.tasks), lambda ch: ch.queue_delete(n.meta),
+        lambda ch: ch.queue_delete(n.results), lambda ch: ch.queue_delete(n.dlq),
+        # redeclaring (or creating) a queue needs configure too
+        lambda ch: ch.queue_declare(n.tasks, durable=True,
+                                    arguments={"x-queue-type": "quorum"}),
+        lambda ch: ch.queue_declare("ttg.lpr2.other", durable=True),
+        lambda ch: ch.exchange_declare("ttg.lpr2.x", "fanout"),
+        lambda ch: ch.queue_bind(n.tasks, "amq.fanout"),
+        # reading what it does not consume: the dead letters and the rows
+        lambda ch: ch.basic_get(n.dlq), lambda ch: ch.basic_get(n.rows),
+    ]
+    for i, call in enumerate(refused):
+        ch = conn.channel()
+        with pytest.raises(pex.ChannelClosedByBroker) as exc:
+            call(ch)
+        assert exc.value.reply_code == 403, (i, exc.value)
+    # what it needs still works: find the run's queues, take a task
+    ch = conn.channel()
+    for q in (n.tasks, n.meta, n.presence, n.results, n.dlq):
+        ch.queue_declare(q, passive=True)
+    method, _props, _body = ch.basic_get(n.tasks)
+    assert method is not None
+    ch.basic_nack(method.delivery_tag, requeue=True)
+    conn.close()
+    # nothing of the run went away
+    assert ctl.progress("lpr2").chunks_total == 5
+    admin = pika.BlockingConnection(pika.URLParameters(env.broker.url_with_password))
+    ach = admin.channel()
+    for q in (n.tasks, n.meta, n.presence, n.results, n.dlq, n.rows):
+        ach.queue_declare(q, passive=True)
+    assert ach.queue_declare(n.tasks, passive=True).method.message_count == 5
+    admin.close()
+    ctl.close()

@@ -178,8 +178,10 @@ class RabbitMQBackend(ControllerSide, DeadLetterSide, WorkerSide, Backend):
                 if not isinstance(exc, pex.ChannelClosedByBroker):
                     raise
                 self._ch = None
-                # 404 "down or inaccessible": a queue still recovering after a restart
-                transient = exc.reply_code != 404 or "down or inaccessible" in str(exc)
+                # 404 "down or inaccessible": a queue still recovering after a restart;
+                # 403 (access refused: this user may not) never passes with time
+                transient = (exc.reply_code not in (403, 404)
+                             or "down or inaccessible" in str(exc))
                 if not transient:
                     raise
                 log.warning("%s: channel closed by the broker: %s", what, exc)

@@ -41,6 +41,7 @@ class WorkerLink(Link):
     """The worker's connection: see the module's docstring."""
 
     REQUALIFY_S = 0.2
+    PASSIVE = True  # the controller declared the run's queues; a worker may not (no configure)
 
     def __init__(self, params: pika.ConnectionParameters, url: str, budget_s: float,
                  queues: list[tuple[str, dict]], names: Names,

@@ -110,6 +110,10 @@ class Confirms:
 class Link(threading.Thread):
     """One connection, its loop on this thread; see the module's docstring."""
 
+    # True: only check that the queues exist (a passive declare), never create or redeclare
+    # them; a worker's broker user has no configure permission (roles/rabbitmq).
+    PASSIVE = False
+
     def __init__(self, params: pika.ConnectionParameters, url: str, budget_s: float,
                  queues: list[tuple[str, dict]],
                  auth_error: Callable[[BaseException], TTGError], name: str = "amqp-io",
@@ -198,7 +202,10 @@ class Link(threading.Thread):
         def declare_next(_frame: Any = None) -> None:
             if todo:
                 q, args = todo.pop(0)
-                ch.queue_declare(q, durable=True, arguments=args, callback=declare_next)
+                if self.PASSIVE:  # exists? (needs no configure permission)
+                    ch.queue_declare(q, passive=True, callback=declare_next)
+                else:
+                    ch.queue_declare(q, durable=True, arguments=args, callback=declare_next)
             else:
                 self.conf = Confirms()
                 ch.add_on_return_callback(self.conf.on_return)

@@ -47,12 +47,18 @@ log = logging.getLogger("ttg.rabbitmq")
 class WorkerSide:
     """Mixin of `RabbitMQBackend`: see the module's docstring."""
 
+    WAIT_FOR_RUN_S = 0.5  # how often a worker started before the submission looks for it
+
     def start_consuming(self, run_id: str, worker_id: str,
                         worker_index: int | None) -> JobSpec | None:
         self.worker_id = worker_id
         meta = Names(run_id).meta
-        self._ctl(lambda ch: ch.queue_declare(meta, durable=True,
-                                               arguments={"x-queue-type": "stream"}))
+        # The controller creates the run's queues: a worker's user may not (no configure
+        # permission), so a worker started first waits for the job's stream to exist.
+        while self._count(meta) is None:
+            if self.stop_requested():
+                return None
+            time.sleep(self.WAIT_FOR_RUN_S)
         rec = None
         for _o, headers, body in wait_stream(
                 lambda: self.connect(self.config.retry_budget_s), meta, self.stop_requested):
