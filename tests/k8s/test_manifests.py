@@ -10,11 +10,13 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import yaml
 
 from .helpers import (
     BACKENDS,
     CRD_KINDS,
     PLATFORMS,
+    ROOT,
     kubernetes_version,
     pod_specs,
     run,
@@ -451,3 +453,69 @@ def test_chaos_has_only_the_access_it_needs(manifests: dict, variant: str) -> No
     plain = manifests[variant.removesuffix("-chaos")]
     assert "08-chaos-access.yml" not in plain
     assert "TTG_POISON_PARAM" not in json.dumps(plain["04-workers.yml"])
+
+
+def _secrets(manifests: dict, variant: str) -> dict[str, dict[str, str]]:
+    import base64
+
+    return {d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+            for d in manifests[variant]["01-secrets.yml"]}
+
+
+def _mounted_secrets(doc: dict) -> set[str]:
+    names = set()
+    for _where, spec in pod_specs(doc):
+        for v in spec.get("volumes", []):
+            if "secret" in v:
+                names.add(v["secret"]["secretName"])
+            for src in v.get("projected", {}).get("sources", []):
+                if "secret" in src:
+                    names.add(src["secret"]["name"])
+    return names
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_broker_user_per_client(manifests: dict, variant: str) -> None:
+    """The workers log in as ttg-worker and mount only its password; the sweep Job as the
+    controller with its own; the broker's users carry the local roles' rules (one definition
+    for both platforms); KEDA reads with the monitor's credentials."""
+    secrets = _secrets(manifests, variant)
+    rabbit = "rabbitmq" in variant
+    worker = manifests[variant]["04-workers.yml"][0]
+    job = manifests[variant]["09-sweep-job.yml"][0]
+    assert _mounted_secrets(worker) == {"ttg-broker-worker"}
+    assert _mounted_secrets(job) == {"ttg-broker-controller"}
+    url = {e["name"]: e.get("value") for e in pod_specs(worker)[0][1]["containers"][0]["env"]}
+    assert url["TTG_BROKER_URL"].startswith(("amqp://ttg-worker@", "redis://ttg-worker@"))
+    job_env = {e["name"]: e.get("value") for e in pod_specs(job)[0][1]["containers"][0]["env"]}
+    assert job_env["TTG_BROKER_URL"].startswith(("amqp://ttg@", "redis://ttg-controller@"))
+    pw = {c: secrets[f"ttg-broker-{c}"]["password"] for c in ("controller", "worker")}
+    assert len(set(pw.values()) | {secrets["ttg-broker"]["password"]}) == 3
+    if rabbit:
+        defs = json.loads(secrets["ttg-broker"]["definitions.json"])
+        role = yaml.safe_load((ROOT / "roles/rabbitmq/defaults/main.yml").read_text())
+        want = {u["name"]: u for u in role["rabbitmq_users"][1:]}
+        perms = {p["user"]: p for p in defs["permissions"]}
+        users = {u["name"]: u for u in defs["users"]}
+        assert set(users) == {"ttg", "ttg-worker", "ttg-monitor"}
+        assert users["ttg-worker"]["password"] == pw["worker"]
+        assert users["ttg"]["password"] == pw["controller"]
+        assert "administrator" not in json.dumps(defs)
+        for name, u in want.items():
+            assert {k: perms[name][k] for k in ("configure", "write", "read")} == {
+                k: u[k] for k in ("configure", "write", "read")}, name
+            assert users[name]["tags"] == ",".join(u["tags"])
+        assert perms["ttg-worker"]["configure"] == "^$"
+        assert "load_definitions" in secrets["ttg-broker"]["20-definitions.conf"]
+    else:
+        acl = secrets["ttg-broker"]["auth.conf"].splitlines()
+        role = yaml.safe_load((ROOT / "roles/redis/defaults/main.yml").read_text())
+        lines = {ln.split()[1]: ln for ln in acl if ln.startswith("user ")}
+        assert set(lines) == {u["name"] for u in role["redis_acl_users"]}
+        for u in role["redis_acl_users"]:
+            assert lines[u["name"]].endswith(" ".join(u["rules"].split())), u["name"]
+        assert f">{pw['worker']} " in lines["ttg-worker"]
+        assert f">{pw['controller']} " in lines["ttg-controller"]
+    if "extras" in variant and "static" not in variant:
+        keda = secrets["ttg-keda-auth"]
+        assert ("ttg-monitor:" in keda["host"]) if rabbit else keda["username"] == "ttg-monitor"
