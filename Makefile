@@ -30,6 +30,7 @@ SPACE ?=## parameter space file (YAML/JSON: range, grid, file, random); empty: 0
 OBJECTIVE ?=## numeric output summarized in the run's result and report (empty: value)
 GOAL ?= min## report: the best points have the smallest (min) or largest (max) OBJECTIVE
 RUN_ID ?=## empty: generated as YYYYmmdd-HHMMSS-xxxx
+TLS ?=## yes = the local brokers listen with TLS only (rediss://, amqps://; a CA of the project's signs them)
 FAULT ?= all## chaos: comma-separated faults (ttg chaos-plan lists them) or all
 AT ?= 0.3## chaos: progress at which a fault strikes
 DRY_RUN ?=## clean: 1 = list what would be stopped, touch nothing
@@ -45,7 +46,8 @@ INVENTORY := inventories/$(if $(wildcard inventories/$(PLATFORM)/hosts.yml),$(PL
 SWEEP_VARS := -e 'ttg_platform=$(PLATFORM)' -e 'ttg_backend=$(BACKEND)' -e 'ttg_params=$(PARAMS)' \
 	-e 'ttg_chunk_size=$(CHUNK)' -e 'ttg_workers=$(WORKERS)' $(if $(WORK_MS),-e 'ttg_work_ms=$(WORK_MS)') \
 	-e 'ttg_task=$(TASK)' -e 'ttg_run_id=$(RUN_ID)' -e 'ttg_objective=$(OBJECTIVE)' -e 'ttg_goal=$(GOAL)' \
-	-e 'ttg_code=$(if $(CODE),$(abspath $(CODE)))' -e 'ttg_space=$(if $(SPACE),$(abspath $(SPACE)))'
+	-e 'ttg_code=$(if $(CODE),$(abspath $(CODE)))' -e 'ttg_space=$(if $(SPACE),$(abspath $(SPACE)))' \
+	$(if $(TLS),-e 'ttg_tls=$(if $(filter yes,$(TLS)),true,false)')
 PLAYBOOK := ansible-playbook -i $(INVENTORY)
 # Quiet by default (ansible.cfg: the project's stdout callback); VERBOSE=1: everything.
 ifneq ($(VERBOSE),)
@@ -117,14 +119,18 @@ report: setup ## Write runs/<RUN_ID or latest>/report.md with its plots, from wh
 	ttg report $(if $(RUN_ID),--run-dir runs/$(RUN_ID),--runs-dir runs) \
 	  $(if $(OBJECTIVE),--objective $(OBJECTIVE)) --goal $(GOAL)
 
+# TLS=yes: the local brokers' TLS URLs and the project's CA, for the targets that call ttg directly
+LOCAL_TLS_ENV = $(if $(filter yes,$(TLS)),TTG_BROKER_CA_FILE=$(abspath .state/tls)/ca.crt \
+	TTG_BROKER_URL=$(if $(filter rabbitmq,$(BACKEND)),amqps://ttg@127.0.0.1:5673/ttg,rediss://127.0.0.1:16379/0))
+
 .PHONY: monitor
 monitor: setup ## Attach to a running local run: live progress until it finishes (RUN_ID, BACKEND)
-	TTG_BROKER_PASSWORD_FILE=.state/secrets/$(if $(filter rabbitmq,$(BACKEND)),rabbitmq,redis).pass \
+	$(LOCAL_TLS_ENV) TTG_BROKER_PASSWORD_FILE=.state/secrets/$(if $(filter rabbitmq,$(BACKEND)),rabbitmq,redis).pass \
 	  ttg status --watch --backend $(BACKEND) --run-id $(or $(RUN_ID),$$(basename "$$(readlink runs/latest)"))
 
 .PHONY: dashboard
 dashboard: setup ## A live, read-only web view of the runs (127.0.0.1:DASHBOARD_PORT; Ctrl-C stops)
-	$(Q)TTG_BROKER_PASSWORD_FILE=$(abspath .state/secrets)/$(if $(filter rabbitmq,$(BACKEND)),rabbitmq,redis).pass \
+	$(Q)$(LOCAL_TLS_ENV) TTG_BROKER_PASSWORD_FILE=$(abspath .state/secrets)/$(if $(filter rabbitmq,$(BACKEND)),rabbitmq,redis).pass \
 	  ttg serve --runs-dir runs --port $(DASHBOARD_PORT) --backend $(BACKEND) \
 	  $(if $(wildcard .state/secrets/*.pass),--live)
 

@@ -69,7 +69,8 @@ class Target:
 
     def config(self) -> BrokerConfig:
         password = Path(self.password_file).read_text().strip() if self.password_file else None
-        return BrokerConfig(url=self.url, password=password)
+        return BrokerConfig(url=self.url, password=password,
+                            ca_file=os.environ.get("TTG_BROKER_CA_FILE") or None)
 
     def env(self, run_id: str) -> dict[str, str]:
         env = {**os.environ, "TTG_BACKEND": self.backend, "TTG_BROKER_URL": self.url,

@@ -17,6 +17,7 @@ from pathlib import Path
 from ttg import log as tlog
 from ttg.backends import BACKENDS, get_backend
 from ttg.backends.base import Backend, BrokerConfig
+from ttg.backends.tls import check_ca_file
 from ttg.chaos_platforms import Platform
 from ttg.cli_parser import DEFAULT_URLS, build_parser
 from ttg.errors import ConfigError, TTGError
@@ -76,9 +77,12 @@ def broker_config(args: argparse.Namespace) -> BrokerConfig:
     prefetch = args.prefetch
     if prefetch < 0 or args.min_idle_ms <= 0:
         raise ConfigError("--prefetch must be >= 0 and --min-idle-ms > 0")
+    url = args.broker_url or DEFAULT_URLS[args.backend]
+    check_ca_file(url, args.broker_ca_file)
     return BrokerConfig(
-        url=args.broker_url or DEFAULT_URLS[args.backend],
+        url=url,
         password=password,
+        ca_file=args.broker_ca_file or None,
         prefetch=prefetch,
         min_idle_ms=args.min_idle_ms,
         connect_timeout_s=args.connect_timeout,

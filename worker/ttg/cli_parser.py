@@ -85,10 +85,13 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default=env("TTG_BACKEND", "redis"),
                    help=f"one of {', '.join(BACKENDS)} (TTG_BACKEND, default redis)")
     g.add_argument("--broker-url", default=env("TTG_BROKER_URL"),
-                   help="redis://[:password@]host:port/db or amqp://user[:password]@host:port/"
-                        "vhost (TTG_BROKER_URL)")
+                   help="redis[s]://[user[:password]@]host:port/db or amqp[s]://user[:password]@"
+                        "host:port/vhost; rediss/amqps: TLS (TTG_BROKER_URL)")
     g.add_argument("--broker-password-file", default=env("TTG_BROKER_PASSWORD_FILE"),
                    help="file holding the broker password (TTG_BROKER_PASSWORD_FILE)")
+    g.add_argument("--broker-ca-file", default=env("TTG_BROKER_CA_FILE"),
+                   help="CA certificate that signed the broker's, for rediss:// and amqps:// "
+                        "URLs (TTG_BROKER_CA_FILE; default: the system's trust store)")
     g.add_argument("--run-id", default=env("TTG_RUN_ID"), help="run id (TTG_RUN_ID)")
     g.add_argument("--log-format", choices=["text", "json"],
                    default=env("TTG_LOG_FORMAT", "text"), help="TTG_LOG_FORMAT")

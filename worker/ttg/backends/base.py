@@ -27,6 +27,8 @@ class BrokerConfig:
     connect_timeout_s: float = 10.0  # bounded retries when the broker is not up
     retry_budget_s: float = 60.0  # how long a worker keeps reconnecting before exiting
     options: dict[str, Any] = field(default_factory=dict)
+    # TLS (rediss://, amqps://): the CA that signed the broker's certificate (backends/tls.py)
+    ca_file: str | None = None
 
     def __repr__(self) -> str:
         """Without the password, and with any password in the URL masked."""
@@ -46,7 +48,8 @@ class BrokerConfig:
         shown = "***" if self.password else None
         return (f"BrokerConfig(url={url!r}, password={shown!r}, prefetch={self.prefetch!r}, "
                 f"min_idle_ms={self.min_idle_ms!r}, connect_timeout_s={self.connect_timeout_s!r}, "
-                f"retry_budget_s={self.retry_budget_s!r}, options={self.options!r})")
+                f"retry_budget_s={self.retry_budget_s!r}, options={self.options!r}, "
+                f"ca_file={self.ca_file!r})")
 
 
 @dataclass

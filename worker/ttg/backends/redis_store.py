@@ -32,6 +32,7 @@ import redis.exceptions as rex
 
 from ttg.backends.backoff import Backoff
 from ttg.backends.base import Backend, BrokerConfig, DeadLetter, Progress
+from ttg.backends.tls import redis_kwargs, refusal, unreachable_hint
 from ttg.errors import BrokerAuthError, BrokerUnavailable, JobMismatch
 from ttg.partial import Partial, decode_result
 from ttg.sweep import JobSpec, strict_float, strict_int
@@ -161,9 +162,11 @@ class RedisStore(Backend):
 
     def __init__(self, config: BrokerConfig) -> None:
         super().__init__(config)
+        tls = redis_kwargs(config.url, config.ca_file)
         self.r = redis.Redis.from_url(
             config.url,
             password=config.password or None,
+            **tls,
             decode_responses=True,
             # bytes that are not UTF-8 (written by anyone) must reach the parsers as text,
             # not raise inside the client's reply parser where no message can be dead-lettered
@@ -179,7 +182,7 @@ class RedisStore(Backend):
         # the rows stream carries bytes (Arrow IPC): read it without decoding responses
         self.rb = redis.Redis(connection_pool=redis.ConnectionPool.from_url(
             config.url, password=config.password or None, decode_responses=False,
-            socket_connect_timeout=2, socket_timeout=30, socket_keepalive=True))
+            socket_connect_timeout=2, socket_timeout=30, socket_keepalive=True, **tls))
         self.worker_id = "controller"
         self.keys: Keys | None = None
         self.spec: JobSpec | None = None
@@ -200,11 +203,14 @@ class RedisStore(Backend):
                     raise BrokerAuthError(
                         f"redis at {_redacted(self.config.url)} refused the password"
                     ) from exc
+                tls = refusal(exc, f"redis at {_redacted(self.config.url)}", self.config.ca_file)
+                if tls is not None:
+                    raise tls from exc
                 log.warning("broker unavailable, retrying in %.1fs: %s", backoff.delay, exc)
                 if self.stop_requested() or not backoff.wait():
                     raise BrokerUnavailable(
                         f"redis at {_redacted(self.config.url)} unreachable after "
-                        f"{budget:.0f}s: {exc}"
+                        f"{budget:.0f}s: {exc}{unreachable_hint(self.config.url)}"
                     ) from exc
             except rex.ResponseError as exc:
                 if _is_auth_error(exc):

@@ -40,6 +40,7 @@ from ttg.backends.rabbitmq.messages import (
 )
 from ttg.backends.rabbitmq.streams import StreamReader
 from ttg.backends.rabbitmq.work import WorkerSide
+from ttg.backends.tls import client_context, refusal, unreachable_hint
 from ttg.errors import BrokerAuthError, BrokerUnavailable, ConfigError, TTGError
 from ttg.sweep import JobSpec
 
@@ -93,6 +94,9 @@ class RabbitMQBackend(ControllerSide, DeadLetterSide, WorkerSide, Backend):
         user = unquote(parts.username) if parts.username else "guest"
         password = self.config.password or (unquote(parts.password) if parts.password else "")
         params.credentials = pika.PlainCredentials(user, password)
+        if parts.scheme == "amqps":  # verify the node's certificate and name (backends/tls.py)
+            params.ssl_options = pika.SSLOptions(client_context(self.config.ca_file),
+                                                 server_hostname=params.host)
         params.connection_attempts = 1
         params.socket_timeout = 5
         params.blocked_connection_timeout = max(self.config.retry_budget_s, 10)
@@ -125,11 +129,16 @@ class RabbitMQBackend(ControllerSide, DeadLetterSide, WorkerSide, Backend):
                         raise self.auth_error(exc) from None
                 elif not isinstance(exc, RETRYABLE):
                     raise
+                tls = refusal(exc, f"rabbitmq at {_redacted(self.config.url)}",
+                              self.config.ca_file)
+                if tls is not None:
+                    raise tls from None
                 log.warning("broker unavailable (%s), retrying", exc.__class__.__name__)
                 if not backoff.wait():
                     raise BrokerUnavailable(
                         f"rabbitmq at {_redacted(self.config.url)} unreachable after "
-                        f"{budget:.0f}s: {exc.__class__.__name__}: {exc}") from None
+                        f"{budget:.0f}s: {exc.__class__.__name__}: {exc}"
+                        f"{unreachable_hint(self.config.url)}") from None
 
     def _channel(self, budget_s: float | None = None) -> BlockingChannel:
         """The controller-side channel, (re)connecting within budget_s (connect_timeout_s
