@@ -486,9 +486,9 @@ def test_one_broker_user_per_client(manifests: dict, variant: str) -> None:
     assert _mounted_secrets(worker) == {"ttg-broker-worker"}
     assert _mounted_secrets(job) == {"ttg-broker-controller"}
     url = {e["name"]: e.get("value") for e in pod_specs(worker)[0][1]["containers"][0]["env"]}
-    assert url["TTG_BROKER_URL"].startswith(("amqp://ttg-worker@", "redis://ttg-worker@"))
+    assert url["TTG_BROKER_URL"].startswith(("amqps://ttg-worker@", "rediss://ttg-worker@"))
     job_env = {e["name"]: e.get("value") for e in pod_specs(job)[0][1]["containers"][0]["env"]}
-    assert job_env["TTG_BROKER_URL"].startswith(("amqp://ttg@", "redis://ttg-controller@"))
+    assert job_env["TTG_BROKER_URL"].startswith(("amqps://ttg@", "rediss://ttg-controller@"))
     pw = {c: secrets[f"ttg-broker-{c}"]["password"] for c in ("controller", "worker")}
     assert len(set(pw.values()) | {secrets["ttg-broker"]["password"]}) == 3
     if rabbit:
@@ -519,3 +519,56 @@ def test_one_broker_user_per_client(manifests: dict, variant: str) -> None:
     if "extras" in variant and "static" not in variant:
         keda = secrets["ttg-keda-auth"]
         assert ("ttg-monitor:" in keda["host"]) if rabbit else keda["username"] == "ttg-monitor"
+
+
+def _items(doc: dict) -> dict[str, set[str]]:
+    """Per mounted Secret of a pod: the keys it projects."""
+    out: dict[str, set[str]] = {}
+    for _where, spec in pod_specs(doc):
+        for v in spec.get("volumes", []):
+            srcs = [v] if "secret" in v else v.get("projected", {}).get("sources", [])
+            for src in srcs:
+                sec = src.get("secret")
+                if sec:
+                    name = sec.get("secretName") or sec.get("name")
+                    out.setdefault(name, set()).update(i["key"] for i in sec.get("items", []))
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_broker_traffic_is_tls_by_default(manifests: dict, variant: str) -> None:
+    """On kind/aks/k8s every client speaks TLS to the broker and verifies it against the
+    deployment's CA; the broker has no plain listener; only the broker holds its key."""
+    secrets = _secrets(manifests, variant)
+    rabbit = "rabbitmq" in variant
+    broker = next(d for d in manifests[variant]["03-broker.yml"] if d["kind"] == "StatefulSet")
+    conf = next(d for d in manifests[variant]["03-broker.yml"] if d["kind"] == "ConfigMap")
+    assert _items(broker)["ttg-broker"] >= {"tls.crt", "tls.key", "ca.crt"}
+    if rabbit:
+        text = conf["data"]["10-ttg.conf"]
+        assert "listeners.tcp = none" in text and "listeners.ssl.default = 5672" in text
+        assert "management.ssl.port = 15672" in text and "management.tcp" not in text
+    else:
+        text = conf["data"]["redis.conf"]
+        assert "\nport 0\n" in "\n" + text and "tls-port 6379" in text
+        probes = json.dumps(broker["spec"]["template"]["spec"]["containers"][0])
+        assert probes.count("--tls --cacert /etc/redis/secret/ca.crt") == 3
+    for name, doc, secret in [("workers", manifests[variant]["04-workers.yml"][0],
+                               "ttg-broker-worker"),
+                              ("sweep", manifests[variant]["09-sweep-job.yml"][0],
+                               "ttg-broker-controller")]:
+        env = {e["name"]: e.get("value") for e in pod_specs(doc)[0][1]["containers"][0]["env"]}
+        assert env["TTG_BROKER_URL"].split("://")[0] in ("rediss", "amqps"), name
+        assert env["TTG_BROKER_CA_FILE"] == "/var/run/secrets/ttg/ca.crt", name
+        assert _items(doc)[secret] == {"password", "ca.crt"}, name
+        assert "tls.key" not in secrets[secret]
+        assert secrets[secret]["ca.crt"] == secrets["ttg-broker"]["ca.crt"]
+    if "extras" in variant and "static" not in variant:
+        keda = secrets["ttg-keda-auth"]
+        assert keda["tls"] == "enable" and keda["ca"] == secrets["ttg-broker"]["ca.crt"]
+        if rabbit:
+            assert keda["host"].startswith("https://ttg-monitor:")
+        auth = next(d for d in manifests[variant]["06-keda.yml"]
+                    if d["kind"] == "TriggerAuthentication")
+        params = {r["parameter"] for r in auth["spec"]["secretTargetRef"]}
+        assert {"tls", "ca"} <= params
