@@ -371,6 +371,73 @@ def test_rendered_manifests_pass_a_server_side_dry_run(
     assert {"Secret", "NetworkPolicy", "Job"} <= kinds, kinds
 
 
+def test_the_chaos_job_may_create_only_the_armed_worker(cluster: Cluster,
+                                                       render_dir: Path) -> None:
+    """RBAC lets ttg-chaos create pods but cannot say which, and a pod may mount any Secret of
+    its namespace: the admission policy of chaos-access.yml decides. On the real API server
+    (as the chaos ServiceAccount, server-side dry runs): the armed worker's shape passes; a
+    pod with another ServiceAccount, a token, another image or the broker's Secret is
+    refused with the policy's message."""
+    ns = "ttg-vap"
+    d = render_dir / "kind" / "redis-chaos"
+
+    def moved(docs: list[dict]) -> list[dict]:  # the rendered namespace `ttg` -> ns
+        text = json.dumps(docs).replace('"ttg"', f'"{ns}"')
+        text = text.replace("system:serviceaccount:ttg:", f"system:serviceaccount:{ns}:")
+        return json.loads(text.replace("ttg-chaos-pods.ttg", f"ttg-chaos-pods.{ns}"))
+
+    setup = moved(load_docs(d / "00-namespace.yml") + load_docs(d / "08-chaos-access.yml"))
+    assert {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= {
+        x["kind"] for x in setup}
+    cluster.ok("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                     "items": setup}))
+    try:
+        cluster.wait_for_default_serviceaccount(ns)
+        template = load_docs(d / "04-workers.yml")[0]["spec"]["template"]
+        armed = {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"generateName": "ttg-armed-", "namespace": ns,
+                              "labels": template["metadata"]["labels"]},
+                 "spec": {**template["spec"], "restartPolicy": "Never"}}
+
+        def create(pod: dict, as_chaos: bool = True) -> subprocess.CompletedProcess[str]:
+            who = [f"--as=system:serviceaccount:{ns}:ttg-chaos"] if as_chaos else []
+            return cluster.kubectl_run("create", "--dry-run=server", "-o", "name", "-f", "-",
+                                       *who, stdin=json.dumps(pod))
+
+        # a new policy takes a moment to reach the admission chain: wait until it refuses
+        probe = dict(armed, spec={**armed["spec"], "serviceAccountName": "default"})
+        deadline = time.monotonic() + 60
+        while create(probe).returncode == 0:
+            assert time.monotonic() < deadline, "the admission policy never came into force"
+            time.sleep(1)
+        ok = create(armed)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        spec = armed["spec"]
+        c0 = spec["containers"][0]
+        refused = {
+            "run as ttg-worker": {**spec, "serviceAccountName": "ttg-chaos"},
+            "without a token": {**spec, "automountServiceAccountToken": True},
+            "of the worker image": {**spec, "containers": [{**c0, "image": "busybox:1"}]},
+            "no Secret but the workers' own": {**spec, "volumes": [
+                *spec.get("volumes", []),
+                {"name": "loot", "secret": {"secretName": "ttg-broker"}}]},
+            "no Secret through their environment": {**spec, "containers": [{**c0, "env": [
+                *c0.get("env", []), {"name": "X", "valueFrom": {"secretKeyRef": {
+                    "name": "ttg-broker", "key": "password"}}}]}]},
+        }
+        for why, bad_spec in refused.items():
+            r = create(dict(armed, spec=bad_spec))
+            assert r.returncode != 0, why
+            assert "ttg-chaos-pods" in r.stderr and why in r.stderr, r.stderr
+        # the policy binds the chaos ServiceAccount only: the admin may still create such pods
+        r = create(dict(armed, spec=refused["of the worker image"]), as_chaos=False)
+        assert r.returncode == 0, r.stderr
+    finally:
+        cluster.kubectl_run("delete", "namespace", ns, "--wait=false")
+        for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
+            cluster.kubectl_run("delete", kind, f"ttg-chaos-pods.{ns}", "--ignore-not-found")
+
+
 BASE_IMAGE = "ttg-base:bookworm-py311"  # scripts/build-base-image.sh (debootstrap)
 LOAD_IMAGES = ROOT / "roles" / "local_k8s" / "files" / "load_images.sh"
 # A server that writes to its claim and serves it, a client that finds it by its Service's name

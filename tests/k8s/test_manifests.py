@@ -212,11 +212,16 @@ def test_namespace_enforces_restricted(manifests: dict, variant: str) -> None:
     labels = ns[0]["metadata"]["labels"]
     for mode in ("enforce", "audit", "warn"):
         assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+    cluster_scoped = {"Namespace", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     assert all(
         d["metadata"].get("namespace") == ns[0]["metadata"]["name"]
         for d in docs_of(manifests, variant)
-        if d["kind"] != "Namespace"
+        if d["kind"] not in cluster_scoped
     )
+    # the only cluster-scoped objects but the namespace carry its name (one per namespace)
+    assert all(d["metadata"]["name"].endswith("." + ns[0]["metadata"]["name"])
+               for d in docs_of(manifests, variant)
+               if d["kind"] in cluster_scoped - {"Namespace"})
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -417,7 +422,19 @@ def test_chaos_has_only_the_access_it_needs(manifests: dict, variant: str) -> No
     Role grants exactly the verbs the faults use in the namespace, the API server is the
     only new egress, and the fault's hook reaches the workers' environment."""
     access = {d["kind"]: d for d in manifests[variant]["08-chaos-access.yml"]}
-    assert set(access) == {"ServiceAccount", "Role", "RoleBinding", "NetworkPolicy"}
+    assert set(access) == {"ServiceAccount", "Role", "RoleBinding", "NetworkPolicy",
+                           "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+    # RBAC cannot say which pods it may create: the admission policy does, for it alone
+    vap = access["ValidatingAdmissionPolicy"]["spec"]
+    assert vap["failurePolicy"] == "Fail"
+    assert "system:serviceaccount:ttg:ttg-chaos" in vap["matchConditions"][0]["expression"]
+    rules = " ".join(v["expression"] for v in vap["validations"])
+    workers = manifests[variant]["04-workers.yml"][0]["spec"]["template"]["spec"]
+    assert f"'{workers['containers'][0]['image']}'" in rules
+    assert "'ttg-worker'" in rules and "'ttg-broker-worker'" in rules
+    vapb = access["ValidatingAdmissionPolicyBinding"]["spec"]
+    assert vapb["policyName"] == access["ValidatingAdmissionPolicy"]["metadata"]["name"]
+    assert vapb["validationActions"] == ["Deny"]
     assert access["ServiceAccount"]["automountServiceAccountToken"] is False
     rules = {
         (r["apiGroups"][0], res): (set(r["verbs"]), tuple(r.get("resourceNames", [])))
