@@ -59,20 +59,7 @@ def test_workers_complete_a_run_with_the_worker_user_only(acl, tmp_path, backend
     w_url, _pw, w_file = creds["ttg-worker"]
     fleet = env.fleet("lp", 2, TTG_BROKER_URL=w_url, TTG_BROKER_PASSWORD_FILE=str(w_file),
                       TTG_POISON_PARAM="55")
-    try:
-        codes = [w.wait(timeout=90) for w in fleet]
-    finally:
-        env.stop_all()
-    logs = "".join(Path(w.logfile).read_text()[-1500:] for w in fleet)  # type: ignore[attr-defined]
-    assert codes == [0, 0], logs
-    assert "NOPERM" not in logs
-    p = ctl.progress("lp")
-    # the retry, the rows and the poisoned point's last attempt (stored with its error) went
-    # through with the worker's credential too
-    assert (p.done, p.dead, p.retried) == (20, 0, 1)
-    rows = ctl.take_rows("lp", 100)
-    assert sorted(c for _t, c, _r in rows) == list(range(20))
-    ctl.close()
+    _finished_with_the_worker_credential(env, ctl, fleet, "lp", ("NOPERM",))
 
 
 def test_a_worker_credential_cannot_destroy_the_run(acl):
@@ -155,20 +142,7 @@ def test_rabbitmq_workers_complete_a_run_with_the_worker_user_only(rabbit_worker
                       TTG_POISON_PARAM="55")
     ctl = env.make(options={"retry_tiers_ms": [200, 400]})
     ctl.submit(spec("lpr", params=200, chunk=10, workers=2, task="poison", max_attempts=2))
-    try:
-        codes = [w.wait(timeout=90) for w in fleet]
-    finally:
-        env.stop_all()
-    logs = "".join(Path(w.logfile).read_text()[-1500:] for w in fleet)  # type: ignore[attr-defined]
-    assert codes == [0, 0], logs
-    assert "ACCESS_REFUSED" not in logs and "403" not in logs
-    p = ctl.progress("lpr")
-    # the retry through a tier, the rows and the poisoned point's stored failure all went
-    # through with the worker's permissions
-    assert (p.done, p.dead, p.retried) == (20, 0, 1)
-    rows = ctl.take_rows("lpr", 100)
-    assert sorted(c for _t, c, _r in rows) == list(range(20))
-    ctl.close()
+    _finished_with_the_worker_credential(env, ctl, fleet, "lpr", ("ACCESS_REFUSED", "403"))
 
 
 def test_rabbitmq_worker_credential_cannot_destroy_the_run(rabbit_worker):
@@ -217,4 +191,23 @@ def test_rabbitmq_worker_credential_cannot_destroy_the_run(rabbit_worker):
         ach.queue_declare(q, passive=True)
     assert ach.queue_declare(n.tasks, passive=True).method.message_count == 5
     admin.close()
+    ctl.close()
+
+
+def _finished_with_the_worker_credential(env, ctl, fleet, run: str,  # noqa: ANN001
+                                         refused: tuple[str, ...]) -> None:
+    """The fleet (two workers, 20 chunks, one poisoned point retried once) ends the run with
+    nothing refused: the retry, the rows and the poisoned point's stored failure all went
+    through with the worker's credential."""
+    try:
+        codes = [w.wait(timeout=90) for w in fleet]
+    finally:
+        env.stop_all()
+    logs = "".join(Path(w.logfile).read_text()[-1500:] for w in fleet)
+    assert codes == [0, 0], logs
+    assert not [word for word in refused if word in logs], logs
+    p = ctl.progress(run)
+    assert (p.done, p.dead, p.retried) == (20, 0, 1)
+    rows = ctl.take_rows(run, 100)
+    assert sorted(c for _t, c, _r in rows) == list(range(20))
     ctl.close()
