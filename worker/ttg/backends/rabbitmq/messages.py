@@ -243,5 +243,5 @@ def parse_task_body(spec: JobSpec, body: bytes) -> tuple[dict, int, int, int, in
 def _header_int(headers: dict, key: str) -> int:
     try:
         return int(headers.get(key) or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a float inf (make fuzz)
         return 0
