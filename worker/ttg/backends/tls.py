@@ -9,13 +9,12 @@ with a plain URL is a configuration error, not a silent downgrade.
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from ttg.errors import ConfigError
 
-TLS_SCHEMES = {"rediss": "redis", "amqps": "amqp"}
+TLS_SCHEMES = frozenset({"rediss", "amqps"})
 
 
 def is_tls(url: str) -> bool:
@@ -46,12 +45,12 @@ def client_context(ca_file: str | None) -> ssl.SSLContext:
 
 def redis_kwargs(url: str, ca_file: str | None) -> dict[str, Any]:
     """redis-py's TLS options for a `rediss://` URL (none for a plain one)."""
-    if not url.startswith("rediss://"):
+    if urlsplit(url).scheme != "rediss":
         return {}
     kwargs: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True,
                               "ssl_min_version": ssl.TLSVersion.TLSv1_2}
     if ca_file:
-        kwargs["ssl_ca_certs"] = str(Path(ca_file))
+        kwargs["ssl_ca_certs"] = ca_file
     return kwargs
 
 
