@@ -43,7 +43,7 @@ def playbook(tmp: Path, extra_env: dict[str, str], run_id: str = "r1") -> Path:
         "fleet_log_format": "json", "fleet_ttg": "/opt/ttg/bin/ttg",
         "fleet_program": "ttg-fleet", "fleet_stopwaitsecs": 5, "fleet_log_dir": str(tmp),
         "fleet_supervisor_dir": str(tmp), "fleet_min_idle_ms": 3000,
-        "fleet_task": "", "fleet_code": "", "fleet_extra_env": extra_env,
+        "fleet_task": "", "fleet_code": "", "fleet_ca_file": "", "fleet_extra_env": extra_env,
     }
     play = [{
         "hosts": "localhost", "gather_facts": False, "vars": vars_,

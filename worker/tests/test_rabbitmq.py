@@ -204,6 +204,10 @@ def test_publish_refused_is_retried_then_raised_and_nothing_acked(rmq: Env) -> N
     # one message over its limit, so it is filled first): the retry publish is nacked
     rmq.broker.ctl("set_policy", "-p", rmq.broker.vhost, "--apply-to", "queues", "full",
                    r"^ttg\.nack\.retry\.0$", '{"max-length": 0}')
+    # a policy reaches the queue asynchronously (CI once published before it had)
+    wait_for(lambda: "full" in rmq.broker.ctl("list_queues", "-p", rmq.broker.vhost,
+                                              "name", "policy").split(n.tier(0), 1)[-1]
+             .split("\n", 1)[0], timeout=20, what="the max-length policy on the retry tier")
     ch = channel(rmq)
     ch.confirm_delivery()
     ch.basic_publish("", n.tier(0), b'{"c": 1, "s": 10, "e": 20, "a": 2}', mandatory=True)
