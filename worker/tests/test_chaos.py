@@ -107,8 +107,10 @@ def test_fault_loses_nothing(fault, backend, tmp_path):
     worker_env = step["env"]
     sup = Supervised(tmp_path, backend, 3, worker_env)
     try:
+        # ~5 s of work for 3 workers (8 ms a point): at 3 ms the 2 s run once ended, on a
+        # machine saturated by make test, before the fault thread had its turn
         r = sup.ttg("chaos", "--fault", fault, "--params", "2000", "--chunk-size", "20",
-                    "--work-ms", "3", "--interval", "0.7", "--runs-dir", str(tmp_path / "runs"),
+                    "--work-ms", "8", "--interval", "0.7", "--runs-dir", str(tmp_path / "runs"),
                     "--json")
         assert r.stdout, r.stderr
         s = json.loads(r.stdout.strip().splitlines()[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 
 import pyarrow.parquet as pq
@@ -196,6 +197,33 @@ def test_broker_killed_mid_run_loses_nothing(env):
     assert summary["ok"], r.stdout + r.stderr
     assert summary["result"]["sum"] == reference_expected_sum(600)
     assert [p.wait(timeout=60) for p in fleet] == [0, 0, 0]
+
+
+def test_results_are_read_across_a_broker_restart(env):
+    """CI found it: broker-kill as a run ended killed the controller with a traceback in its
+    final read of the results (a bare HSCAN iterator, outside the retry budget). The read
+    waits for the broker and reads every result once."""
+    from ttg.partial import encode_result
+
+    b = env.make(retry_budget_s=20)
+    k = Keys("rr")
+    # 5,000 chunk results: several HSCAN pages, so the restart falls between two of them
+    b.r.hset(k.results, mapping={str(c): encode_result(Partial.of([float(c)]), worker="w")
+                                 for c in range(5000)})
+    b.r.execute_command("BGREWRITEAOF")
+    wait_for(lambda: b.r.info("persistence")["aof_rewrite_in_progress"] == 0,
+             what="the AOF rewritten")
+    it = b.results("rr")
+    first = [next(it) for _ in range(10)]
+    env.broker.kill(signal.SIGKILL)
+    back = threading.Timer(1.5, env.broker.start)  # down for a while, as a real restart is
+    back.start()
+    rest = list(it)
+    back.join()
+    chunks = [c for c, _, _ in first + rest]
+    # the restarted Redis hashes anew: the scan starts over and gives no field twice
+    assert sorted(chunks) == list(range(5000))
+    assert all(p.sum == float(c) for c, p, _ in first + rest)
 
 
 def test_export_per_chunk_partials(env):

@@ -250,7 +250,7 @@ class RedisStore(Backend):
         flat = [x for kv in fields.items() for x in kv]
         created = self.retrying(lambda: self._create(keys=[k.meta], args=flat))
         if not created:
-            existing = JobSpec.from_fields(self.r.hgetall(k.meta))
+            existing = JobSpec.from_fields(self.retrying(lambda: self.r.hgetall(k.meta)))
             if not existing.same_job(spec):
                 raise JobMismatch(
                     f"run {spec.run_id} exists with a different job ({existing}); "
@@ -270,13 +270,13 @@ class RedisStore(Backend):
         return int(self.retrying(lambda: self.r.info("memory"))["used_memory"])
 
     def submitted_at(self, run_id: str) -> float | None:
-        value = self.r.hget(Keys(run_id).meta, "submitted_at")
+        value = self.retrying(lambda: self.r.hget(Keys(run_id).meta, "submitted_at"))
         return float(value) if value else None
 
     # ---- results and dead letters -----------------------------------------------------
     def results(self, run_id: str) -> Iterator[tuple[int, Partial, dict]]:
         k = Keys(run_id)
-        for field, raw in self.r.hscan_iter(k.results, count=1000):
+        for field, raw in self._hscan(k.results):
             try:
                 chunk = strict_int(field, "chunk")
                 partial, meta = decode_result(raw)
@@ -285,10 +285,31 @@ class RedisStore(Backend):
                 continue
             yield chunk, partial, meta
 
+    def _hscan(self, key: str, count: int = 1000) -> Iterator[tuple[str, str]]:
+        """A hash's fields page by page, within the retry budget: a broker that restarts while
+        a run's results are read (broker-kill as the run ends) is waited for. A restarted
+        Redis seeds its hash tables anew, so an old cursor means nothing there: the scan
+        starts over and skips the fields it has already given."""
+        seen: set[str] = set()
+        cursor = 0
+        while True:
+            try:
+                cursor, page = self.r.hscan(key, cursor, count=count)
+            except (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError):
+                self.retrying(self.r.ping)  # the broker back (or BrokerUnavailable), then anew
+                cursor = 0
+                continue
+            for field, raw in page.items():
+                if field not in seen:
+                    seen.add(field)
+                    yield field, raw
+            if cursor == 0:
+                return
+
     def dead_letters(self, run_id: str) -> list[DeadLetter]:
         k = Keys(run_id)
         out: dict[int, DeadLetter] = {}
-        for _id, f in self.r.xrange(k.dlq):
+        for _id, f in self.retrying(lambda: self.r.xrange(k.dlq)):
             d = parse_dead_letter(f)
             out[d.chunk] = d
         return sorted(out.values(), key=lambda d: d.chunk)
@@ -304,7 +325,7 @@ class RedisStore(Backend):
 
     def events(self, run_id: str) -> list[dict]:
         out = []
-        for _id, f in self.r.xrange(Keys(run_id).events):
+        for _id, f in self.retrying(lambda: self.r.xrange(Keys(run_id).events)):
             try:
                 f["ts"] = strict_float(f.get("ts"), "ts")
                 f["kind"] = str(f["kind"])

@@ -180,7 +180,7 @@ class RedisStreamsBackend(RedisStore):
         present: set[int] = set()
         last = "-"
         while True:
-            page = self.r.xrange(k.tasks, min=last, max="+", count=5000)
+            page = self.retrying(lambda m=last: self.r.xrange(k.tasks, min=m, max="+", count=5000))
             if last != "-" and page and page[0][0] == last:
                 page = page[1:]
             if not page:
