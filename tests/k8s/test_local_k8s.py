@@ -420,10 +420,10 @@ def test_the_chaos_job_may_create_only_the_armed_worker(cluster: Cluster,
             "of the worker image": {**spec, "containers": [{**c0, "image": "busybox:1"}]},
             "no Secret but the workers' own": {**spec, "volumes": [
                 *spec.get("volumes", []),
-                {"name": "loot", "secret": {"secretName": "ttg-broker"}}]},
+                {"name": "loot", "secret": {"secretName": "ttg-redis"}}]},
             "no Secret through their environment": {**spec, "containers": [{**c0, "env": [
                 *c0.get("env", []), {"name": "X", "valueFrom": {"secretKeyRef": {
-                    "name": "ttg-broker", "key": "password"}}}]}]},
+                    "name": "ttg-redis", "key": "password"}}}]}]},
         }
         for why, bad_spec in refused.items():
             r = create(dict(armed, spec=bad_spec))
@@ -650,6 +650,97 @@ def test_a_fleet_whose_image_cannot_be_pulled_fails_at_once_with_the_reason(
     assert took < 300, f"{took:.0f} s: the wait ran to its timeout instead of ending on the pods"
     # the pods that cannot start are not left behind to retry for ever
     node.ok("-n", "ttg", "delete", "deployment", "ttg-workers", "--ignore-not-found")
+
+
+def _shims(socket_path: Path) -> list[int]:
+    """The containerd shims of the node's containerd (its socket on their command line): in a
+    host crash they die with everything else (they are made to outlive containerd itself)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and b"containerd-shim" in argv[0] and str(socket_path).encode() in argv:
+                out.append(int(proc.name))
+    return out
+
+
+def test_recover_after_the_whole_cluster_crashes_mid_run(
+    node: Cluster, demo_env: dict[str, str]
+) -> None:
+    """A host crash mid-run: every control-plane process, the node's agents, every container
+    (the broker, the workers, the sweep's controller) and their shims are SIGKILLed at once.
+    `make recover PLATFORM=k8s` starts the cluster again from its etcd data, waits for the
+    broker (its data on its volume) and the workers, and resumes the same run to the exact
+    sum; the summary records the crash."""
+    run_id = "k8s-crash"
+    params, chunk = 3000, 50
+    args = [
+        "make", "demo", "PLATFORM=k8s", "BACKEND=redis", f"PARAMS={params}",
+        f"CHUNK={chunk}", "WORK_MS=40", "WORKERS=2", f"RUN_ID={run_id}",
+    ]
+    demo = subprocess.Popen(
+        [*args, f"ANSIBLE_ARGS={demo_env['ANSIBLE_ARGS']}"], cwd=ROOT,
+        env={**os.environ, "KUBECONFIG": demo_env["KUBECONFIG"], "ANSIBLE_NOCOLOR": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    socket_path = node.dir / "containerd" / "containerd.sock"
+    try:
+        done = 0
+        deadline = time.monotonic() + 600
+        while done < params // chunk // 5 and time.monotonic() < deadline:
+            assert demo.poll() is None, "make demo ended before the crash"
+            log = node.kubectl_run("-n", "ttg", "logs", f"job/ttg-sweep-{run_id}").stdout
+            seen = [ln.split(" progress ", 1)[1] for ln in log.splitlines() if " progress " in ln]
+            done = int(seen[-1].split("/", 1)[0]) if seen else 0
+            time.sleep(1)
+        assert params // chunk // 5 <= done < params // chunk, (done, log[-2000:])
+        # The crash: supervisord first (nothing restarted), then its programs, every
+        # container and the shims, all with SIGKILL.
+        pids = node.pids()
+        ctr = ["ctr", "--address", str(socket_path), "--namespace", "k8s.io"]
+        tasks = subprocess.run([*ctr, "tasks", "ls", "--quiet"], capture_output=True,
+                               text=True, check=True).stdout.split()
+        crashed_at = time.time()
+        os.kill(pids.pop("supervisord"), 9)
+        os.kill(pids.pop("kubelet"), 9)
+        for t in tasks:
+            subprocess.run([*ctr, "tasks", "kill", "--signal", "SIGKILL", t],
+                           capture_output=True, check=False)
+        for pid in [*pids.values(), *_shims(socket_path)]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+    finally:
+        os.killpg(demo.pid, 9)  # the controller side of make demo: a crash takes it too
+        demo.wait(timeout=30)
+    assert len(tasks) >= 4, tasks  # the broker, two workers, the sweep's controller at least
+    assert node.kubectl_run("get", "--raw", "/readyz", timeout=10).returncode != 0
+    assert not (Path(demo_env["runs"]) / run_id / "summary.json").exists()
+
+    started = time.monotonic()
+    r = run(["make", "recover", "PLATFORM=k8s", "BACKEND=redis",
+             f"ANSIBLE_ARGS={demo_env['ANSIBLE_ARGS']} {node.args().split('=', 1)[1]}"],
+            timeout=1500, KUBECONFIG=demo_env["KUBECONFIG"])
+    took = time.monotonic() - started
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    run_dir = Path(demo_env["runs"]) / run_id
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ok"] and summary["platform"] == "k8s", summary
+    assert summary["chunks_done"] == summary["chunks_total"] == params // chunk
+    assert summary["chunks_missing"] == 0 and summary["result"]["count"] == params
+    indices = pq.read_table(run_dir / "results.parquet").column("index").to_pylist()
+    assert sorted(indices) == list(range(params)), "one row per point, none missing"
+    crash = [f for f in summary["faults"] if f["type"] == "infra-crash"]
+    assert len(crash) == 1, summary["faults"]
+    crash = crash[0]
+    assert crashed_at < crash["at"] < crashed_at + took + 60
+    assert crash["recovered_s"] is not None and 0 <= crash["recovered_s"] < took
+    assert crash["outage_s"] >= crash["at"] - crashed_at
+    assert 0 < crash["at_progress"] < 1
+    print(f"recover took {took:.0f} s; crash: {crash}")
 
 
 def test_make_clean_leaves_no_pod_or_job_and_purge_no_claim(

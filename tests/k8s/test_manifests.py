@@ -498,6 +498,7 @@ def test_one_broker_user_per_client(manifests: dict, variant: str) -> None:
     for both platforms); KEDA reads with the monitor's credentials."""
     secrets = _secrets(manifests, variant)
     rabbit = "rabbitmq" in variant
+    own = _broker_secret(variant)
     worker = manifests[variant]["04-workers.yml"][0]
     job = manifests[variant]["09-sweep-job.yml"][0]
     assert _mounted_secrets(worker) == {"ttg-broker-worker"}
@@ -507,9 +508,9 @@ def test_one_broker_user_per_client(manifests: dict, variant: str) -> None:
     job_env = {e["name"]: e.get("value") for e in pod_specs(job)[0][1]["containers"][0]["env"]}
     assert job_env["TTG_BROKER_URL"].startswith(("amqps://ttg@", "rediss://ttg-controller@"))
     pw = {c: secrets[f"ttg-broker-{c}"]["password"] for c in ("controller", "worker")}
-    assert len(set(pw.values()) | {secrets["ttg-broker"]["password"]}) == 3
+    assert len(set(pw.values()) | {secrets[own]["password"]}) == 3
     if rabbit:
-        defs = json.loads(secrets["ttg-broker"]["definitions.json"])
+        defs = json.loads(secrets[own]["definitions.json"])
         role = yaml.safe_load((ROOT / "roles/rabbitmq/defaults/main.yml").read_text())
         want = {u["name"]: u for u in role["rabbitmq_users"][1:]}
         perms = {p["user"]: p for p in defs["permissions"]}
@@ -523,9 +524,9 @@ def test_one_broker_user_per_client(manifests: dict, variant: str) -> None:
                 k: u[k] for k in ("configure", "write", "read")}, name
             assert users[name]["tags"] == ",".join(u["tags"])
         assert perms["ttg-worker"]["configure"] == "^$"
-        assert "load_definitions" in secrets["ttg-broker"]["20-definitions.conf"]
+        assert "load_definitions" in secrets[own]["20-definitions.conf"]
     else:
-        acl = secrets["ttg-broker"]["auth.conf"].splitlines()
+        acl = secrets[own]["auth.conf"].splitlines()
         role = yaml.safe_load((ROOT / "roles/redis/defaults/main.yml").read_text())
         lines = {ln.split()[1]: ln for ln in acl if ln.startswith("user ")}
         assert set(lines) == {u["name"] for u in role["redis_acl_users"]}
@@ -536,6 +537,12 @@ def test_one_broker_user_per_client(manifests: dict, variant: str) -> None:
     if "extras" in variant and "static" not in variant:
         keda = secrets["ttg-keda-auth"]
         assert ("ttg-monitor:" in keda["host"]) if rabbit else keda["username"] == "ttg-monitor"
+
+
+def _broker_secret(variant: str) -> str:
+    """The broker's own Secret: named as its Service, so each broker of a namespace that has
+    run both backends keeps its own (one shared name left the other's pod unable to start)."""
+    return "ttg-rabbitmq" if "rabbitmq" in variant else "ttg-redis"
 
 
 def _items(doc: dict) -> dict[str, set[str]]:
@@ -558,9 +565,10 @@ def test_broker_traffic_is_tls_by_default(manifests: dict, variant: str) -> None
     deployment's CA; the broker has no plain listener; only the broker holds its key."""
     secrets = _secrets(manifests, variant)
     rabbit = "rabbitmq" in variant
+    own = _broker_secret(variant)
     broker = next(d for d in manifests[variant]["03-broker.yml"] if d["kind"] == "StatefulSet")
     conf = next(d for d in manifests[variant]["03-broker.yml"] if d["kind"] == "ConfigMap")
-    assert _items(broker)["ttg-broker"] >= {"tls.crt", "tls.key", "ca.crt"}
+    assert _items(broker)[own] >= {"tls.crt", "tls.key", "ca.crt"}
     if rabbit:
         text = conf["data"]["10-ttg.conf"]
         assert "listeners.tcp = none" in text and "listeners.ssl.default = 5672" in text
@@ -579,10 +587,10 @@ def test_broker_traffic_is_tls_by_default(manifests: dict, variant: str) -> None
         assert env["TTG_BROKER_CA_FILE"] == "/var/run/secrets/ttg/ca.crt", name
         assert _items(doc)[secret] == {"password", "ca.crt"}, name
         assert "tls.key" not in secrets[secret]
-        assert secrets[secret]["ca.crt"] == secrets["ttg-broker"]["ca.crt"]
+        assert secrets[secret]["ca.crt"] == secrets[own]["ca.crt"]
     if "extras" in variant and "static" not in variant:
         keda = secrets["ttg-keda-auth"]
-        assert keda["tls"] == "enable" and keda["ca"] == secrets["ttg-broker"]["ca.crt"]
+        assert keda["tls"] == "enable" and keda["ca"] == secrets[own]["ca.crt"]
         if rabbit:
             assert keda["host"].startswith("https://ttg-monitor:")
         auth = next(d for d in manifests[variant]["06-keda.yml"]

@@ -164,7 +164,13 @@ def chaos_platform(args: argparse.Namespace, run_id: str) -> Platform:
     if args.platform in ("kind", "aks", "k8s"):
         from ttg.kube import KubeApi
 
-        return KubePlatform(KubeApi.in_cluster(args.namespace), run_id)
+        # the run's own broker: with both StatefulSets in one namespace (a switch of
+        # backend keeps the other's data), broker-kill must not take the other one down
+        broker = "rabbitmq" if args.backend == "rabbitmq" else "redis"
+        return KubePlatform(KubeApi.in_cluster(args.namespace), run_id,
+                            broker_selector=f"app.kubernetes.io/name={broker},"
+                                            "app.kubernetes.io/component=broker,"
+                                            "app.kubernetes.io/part-of=ttg")
     raise ConfigError(
         f"unknown platform {args.platform!r}: valid platforms are local, kind, aks, k8s")
 
