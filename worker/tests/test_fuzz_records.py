@@ -195,7 +195,10 @@ def test_broker_config_repr_never_shows_the_password(password, url):
 
     with_pw = url.replace("://", f"://u:{quote(password, safe='')}@", 1).replace("ttg@", "")
     # a password that is part of any config's repr anyway ("=None, ", "127.0.0") proves nothing
-    plain = repr(BrokerConfig(with_pw.replace(quote(password, safe=""), "x"), "x"))
+    # (the same two configs with the password "x": a replace() in the URL would also
+    # rewrite its host where the password is part of it, as "127.0." is)
+    plain = "".join(repr(BrokerConfig(u, "x")) for u in (
+        url, url.replace("://", "://u:x@", 1).replace("ttg@", "")))
     assume(password not in plain and quote(password, safe="") not in plain)
     for cfg in (BrokerConfig(url, password), BrokerConfig(with_pw, password)):
         text = repr(cfg) + str(cfg) + f"{cfg}"
