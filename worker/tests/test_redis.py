@@ -218,8 +218,10 @@ def test_results_are_read_across_a_broker_restart(env):
     env.broker.kill(signal.SIGKILL)
     back = threading.Timer(1.5, env.broker.start)  # down for a while, as a real restart is
     back.start()
-    rest = list(it)
-    back.join()
+    try:
+        rest = list(it)
+    finally:
+        back.join()  # so a failure here cannot start a broker after the fixture stopped it
     chunks = [c for c, _, _ in first + rest]
     # the restarted Redis hashes anew: the scan starts over and gives no field twice
     assert sorted(chunks) == list(range(5000))
